@@ -1,5 +1,7 @@
 """Shared fixtures: tiny random Llama checkpoints built with transformers (the reference)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ def hf_llama(**overrides):
     kwargs = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   rms_norm_eps=1e-5, tie_word_embeddings=False)
-    kwargs.update(overrides)
+    kwargs.update(copy.deepcopy(overrides))  # transformers edits rope dicts in place
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kwargs)).eval()
     with torch.no_grad():  # norms start at 1: perturb them so a missed norm weight shows
