@@ -1,0 +1,127 @@
+"""LoRA training step on CPU: loralite vs PEFT (over transformers' Llama), side by side in one process.
+
+Two workloads, each a forward + backward with the same LoRA config, weights and batch:
+  * one decoder layer of the default model (SmolLM2-135M: hidden 576, 9/3 heads, MLP 1536);
+  * the whole default model (``loralite.load_model("smollm2-135m")``, 30 layers, vocab 49152),
+    with the same weights copied into ``transformers.LlamaForCausalLM`` (identical state-dict keys).
+Runs alternate (loralite, PEFT, loralite, ...) so that load on the shared machine hits both alike;
+the figure is the median time per step and the ratio loralite / PEFT (target: <= 0.8).
+
+    python benchmarks/lora.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+import loralite.lora as ll
+from loralite.llama import Llama, rope_frequencies
+from loralite.loading import load_model
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+RESULTS = Path(__file__).parent / "results"
+
+
+def lora_pair(ours: Llama, r: int, alpha: int, dropout: float):
+    """``ours`` with loralite LoRA, and a transformers copy of it with PEFT LoRA (equal adapter weights)."""
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**ours.config.to_dict()))
+    hf.load_state_dict(ours.state_dict())
+    hf.config._attn_implementation = "sdpa"
+    peft_model = get_peft_model(hf, PeftLoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
+                                                   target_modules=TARGETS, task_type="CAUSAL_LM"))
+    ll.add_lora(ours, ll.LoraConfig(r=r, alpha=alpha, dropout=dropout, target_modules=TARGETS))
+    theirs = {k.removeprefix("base_model.model."): v for k, v in peft_model.state_dict().items()}
+    ours.load_state_dict(theirs)
+    return ours.train(), peft_model.train()
+
+
+def layer_steps(ours: Llama, peft_model, batch: int, seq: int):
+    """Forward + backward closures for decoder layer 0 of each model, on the same hidden states."""
+    x = torch.randn(batch, seq, ours.config.hidden_size, requires_grad=True)
+    angles = torch.arange(seq)[:, None].float() * rope_frequencies(ours.config, seq)  # (T, hd/2)
+    angles = torch.cat((angles, angles), -1)  # (T, hd)
+    cos, sin = angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, T, hd)
+    ours_layer = ours.model.layers[0]
+    hf = peft_model.base_model.model.model
+    position_ids = torch.arange(seq)[None].expand(batch, seq)
+    hf_cos_sin = hf.rotary_emb(x, position_ids)  # ((B, T, hd), (B, T, hd))
+
+    def ours_step():
+        ours_layer(x, cos, sin, None).sum().backward()
+
+    def peft_step():
+        out = hf.layers[0](x, attention_mask=None, position_ids=position_ids, position_embeddings=hf_cos_sin)
+        (out[0] if isinstance(out, tuple) else out).sum().backward()
+
+    return ours_step, peft_step
+
+
+def model_steps(ours: Llama, peft_model, batch: int, seq: int):
+    ids = torch.randint(0, ours.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    loss = torch.nn.functional.cross_entropy
+
+    def ours_step():
+        logits = ours(ids)
+        loss(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+
+    def peft_step():
+        logits = peft_model(input_ids=ids).logits
+        loss(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+
+    return ours_step, peft_step
+
+
+def time_alternating(ours_step, peft_step, models, repeats: int, warmup: int = 2) -> dict:
+    times = {"loralite": [], "peft": []}
+    for i in range(warmup + repeats):
+        for name, step in (("loralite", ours_step), ("peft", peft_step)):
+            for m in models:
+                m.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            step()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - start)
+    ours_s, peft_s = statistics.median(times["loralite"]), statistics.median(times["peft"])
+    return {"loralite_s": ours_s, "peft_s": peft_s, "ratio": ours_s / peft_s, "repeats": repeats}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    r, alpha, dropout = 16, 32, 0.05
+    layer_shape, model_shape, repeats = ((4, 256), (2, 128), 7) if not args.quick else ((2, 128), (1, 64), 3)
+    ours, peft_model = lora_pair(load_model("smollm2-135m"), r, alpha, dropout)
+    rows = []
+    for label, make, (b, t) in (("decoder layer", layer_steps, layer_shape), ("whole model", model_steps,
+                                                                                model_shape)):
+        result = time_alternating(*make(ours, peft_model, b, t), (ours, peft_model), repeats)
+        rows.append({"workload": label, "batch": b, "seq": t, **result})
+        print(f"{label:14s} B={b} T={t}: loralite {result['loralite_s'] * 1e3:8.1f} ms  "
+              f"PEFT {result['peft_s'] * 1e3:8.1f} ms  ratio {result['ratio']:.2f}")
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
+            "config": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": TARGETS, "dtype": "float32"},
+            "quick": args.quick}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lora.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
+    lines = ["| workload | batch x seq | loralite (ms) | PEFT (ms) | loralite / PEFT |", "|---|---|---|---|---|"]
+    lines += [f"| {x['workload']} | {x['batch']} x {x['seq']} | {x['loralite_s'] * 1e3:.1f} | "
+              f"{x['peft_s'] * 1e3:.1f} | {x['ratio']:.2f} |" for x in rows]
+    note = (f"\nForward + backward, fp32, CPU ({meta['threads']} threads), LoRA r={r}, alpha={alpha}, "
+            f"dropout={dropout} on {', '.join(TARGETS)}; median of {repeats} alternating runs. Target: <= 0.8.\n")
+    (RESULTS / "lora.md").write_text("\n".join(lines) + "\n" + note)
+
+
+if __name__ == "__main__":
+    main()
