@@ -1,12 +1,81 @@
 """Builds the optional ``loralite._C`` extension from ``csrc/``.
 
-The package is pure PyTorch without it: when no compiler or no torch C++ headers are
-available, the build is skipped and ``loralite.ops`` falls back to the reference path.
+The package is pure PyTorch without it: when torch is not importable at build time (pip's
+build isolation), when there is no compiler, or when the build fails, setup warns and installs
+without the extension, and ``loralite.ops`` falls back to the reference path. Build it with
+
+    pip install --no-build-isolation -e .
+
+``loralite._C`` holds the CPU operator ``nf4_dequantize`` and, when torch has CUDA and nvcc is
+on the PATH, the CUDA NF4 GEMV ``nf4_gemv``. ``LORALITE_BUILD_EXTENSION=0`` skips the build.
 """
 
+import os
+import shutil
+import subprocess
+import warnings
+
 from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+# Flags shared by every build: no fused multiply-add, so that the CPU operator rounds exactly
+# as the PyTorch reference does (its output must be bit-identical).
+CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off"]
+NVCC_FLAGS = ["-O3", "--fmad=false"]
+
+
+def _warn_skip(reason: str) -> None:
+    warnings.warn(f"loralite._C is not built ({reason}); loralite stays pure PyTorch. "
+                  "To build it: pip install --no-build-isolation -e .", stacklevel=2)
+
+
+def _extension_build():
+    """(ext_modules, cmdclass) for loralite._C, or ([], {}) when it cannot be built here."""
+    if os.environ.get("LORALITE_BUILD_EXTENSION", "1") == "0":
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _warn_skip("torch is not importable at build time")
+        return [], {}
+    sources = ["csrc/module.cpp", "csrc/nf4_cpu.cpp"]
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
+        and shutil.which("nvcc") is not None
+    if with_cuda:
+        sources += ["csrc/nf4_gemv.cu", "csrc/nf4_gemv_binding.cpp"]
+        extension = cpp_extension.CUDAExtension(
+            "loralite._C", sources, extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, optional=True)
+    else:
+        extension = cpp_extension.CppExtension(
+            "loralite._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, optional=True)
+    return [extension], {"build_ext": _optional(cpp_extension.BuildExtension)}
+
+
+def _optional(build_ext_class):
+    """``build_ext_class`` that warns and skips an extension whose build fails.
+
+    setuptools' ``optional=True`` skips only distutils' compiler errors (and, for editable
+    installs, the copy of the missing library); torch's ninja build raises others.
+    """
+    from setuptools.errors import CCompilerError, CompileError, ExecError, LinkError, PlatformError
+
+    class OptionalBuildExtension(build_ext_class):
+        def build_extension(self, ext):
+            try:
+                super().build_extension(ext)
+            except (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError,
+                    RuntimeError, subprocess.CalledProcessError) as error:
+                _warn_skip(f"the build failed: {error}")
+
+    return OptionalBuildExtension
+
+
+ext_modules, cmdclass = _extension_build()
 
 setup(
     packages=["loralite", "loralite.kernels"],
     package_dir={"loralite": "loralite", "loralite.kernels": "kernels"},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass or {"build_ext": build_ext},
 )

@@ -1,27 +1,116 @@
 """The one dispatch between the pure-PyTorch reference and the fast paths.
 
-Every NF4 compute op has exactly one reference here (dequantize, then a dense matmul);
-``loralite.kernels`` (Triton, CUDA tensors) and ``loralite._C`` (C++/CUDA) provide the
-fast paths. ``LORALITE_KERNELS=reference`` forces the reference for debugging.
+Every NF4 compute op has exactly one reference, ``NF4Tensor.dequantize`` followed by a dense
+matmul; the fast paths compute the same numbers:
+
+| tensors | path | dequantize | matmuls |
+| --- | --- | --- | --- |
+| CUDA | ``triton`` | ``loralite.kernels.nf4_dequantize`` | ``loralite.kernels.nf4_matmul{,_t}``; ``loralite._C``'s GEMV for x @ W.T with M <= 8 rows |
+| CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` | its dense weight, then ``torch.matmul`` |
+| otherwise | ``reference`` | ``q.dequantize`` | its dense weight, then ``torch.matmul`` |
+
+``LORALITE_KERNELS`` overrides the choice: ``reference`` forces the reference (for debugging);
+``triton`` forces the Triton kernels, also on CPU tensors under ``TRITON_INTERPRET=1`` (for
+tests). These functions are not differentiable themselves: ``Linear4bit``'s autograd Function
+calls ``nf4_matmul`` forward and ``nf4_matmul_t`` for the input gradient.
 """
 
 from __future__ import annotations
+
+import importlib.util
+import os
 
 import torch
 
 from loralite.nf4 import NF4Tensor
 
+# Values of the LORALITE_KERNELS environment variable.
+_MODES = ("auto", "reference", "triton")
+# Largest number of rows (tokens) that takes the CUDA GEMV.
+GEMV_MAX_ROWS = 8
 
-def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The dense weight of ``q`` in ``dtype`` (default: the dtype it was quantized from)."""
-    return q.dequantize(dtype)
+
+def _load_extension() -> bool:
+    """Loads ``loralite._C``'s operators into ``torch.ops.loralite``; False when it was not built."""
+    spec = importlib.util.find_spec("loralite._C")
+    if spec is None or spec.origin is None:
+        return False
+    torch.ops.load_library(spec.origin)
+    # Shapes for torch.compile's fake tensors: the operators allocate their outputs like this.
+    torch.library.register_fake("loralite::nf4_dequantize")(
+        lambda data, absmax, nested_absmax, nested_code, offset, code, blocksize, numel, dtype:
+        data.new_empty((numel,), dtype=dtype))
+    if hasattr(torch.ops.loralite, "nf4_gemv"):
+        torch.library.register_fake("loralite::nf4_gemv")(
+            lambda x, data, absmax, nested_absmax, nested_code, offset, code, n, k, blocksize:
+            x.new_empty((x.shape[0], n)))
+    return True
+
+
+HAS_EXTENSION = _load_extension()
+
+
+def _path(t: torch.Tensor) -> str:
+    """'triton', 'cpp' or 'reference': the path for an op on ``t``'s device (see the table above)."""
+    mode = os.environ.get("LORALITE_KERNELS", "auto")
+    if mode not in _MODES:
+        raise ValueError(f"LORALITE_KERNELS={mode!r} is not one of {', '.join(_MODES)}; unset it "
+                         "to let loralite choose the kernels")
+    if mode != "auto":
+        return mode
+    if t.is_cuda:
+        return "triton"
+    return "cpp" if HAS_EXTENSION and t.device.type == "cpu" else "reference"
+
+
+def _uses_gemv(x: torch.Tensor, q: NF4Tensor) -> bool:
+    """Whether ``x @ W.T`` takes the CUDA GEMV: built, decode-sized, and a layout it supports."""
+    rows = x.numel() // max(x.shape[-1], 1)
+    return (os.environ.get("LORALITE_KERNELS", "auto") == "auto" and x.is_cuda
+            and hasattr(torch.ops.loralite, "nf4_gemv") and 1 <= rows <= GEMV_MAX_ROWS
+            and q.shape[1] % 32 == 0 and q.blocksize % 32 == 0)
+
+
+def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight of ``q`` in ``dtype`` (default: the dtype it was quantized from).
+
+    Args:
+        out: optional contiguous buffer of ``q.shape`` and ``dtype`` to write into; reusing one
+            saves the allocation (on CPU, first-touch page faults cost as much as the decode).
+    """
+    dtype = dtype or q.dtype
+    path = _path(q.data)
+    if path == "cpp":
+        args = (q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.blocksize,
+                q.shape.numel(), dtype)
+        if out is None:
+            return torch.ops.loralite.nf4_dequantize(*args).view(q.shape)
+        torch.ops.loralite.nf4_dequantize.out(*args, out=out.view(-1))
+        return out
+    if path == "triton":
+        from loralite import kernels  # imports Triton, only where it runs
+        dense = kernels.nf4_dequantize(q, dtype)
+    else:
+        dense = q.dequantize(dtype)
+    return dense if out is None else out.copy_(dense)
 
 
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``x @ W.T`` for the NF4 weight ``W`` of shape (out, in); x: (..., in) -> (..., out)."""
+    if _uses_gemv(x, q):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()  # (M, in)
+        y = torch.ops.loralite.nf4_gemv(x2, q.data, q.absmax, q.nested_absmax, q.nested_code,
+                                        q.offset, q.code, q.shape[0], q.shape[1], q.blocksize)
+        return y.reshape(*x.shape[:-1], q.shape[0])
+    if _path(x) == "triton":
+        from loralite import kernels
+        return kernels.nf4_matmul(x, q)
     return x @ dequantize(q, x.dtype).T
 
 
 def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``g @ W``, the input gradient of ``nf4_matmul``; g: (..., out) -> (..., in)."""
+    if _path(g) == "triton":
+        from loralite import kernels
+        return kernels.nf4_matmul_t(g, q)
     return g @ dequantize(q, g.dtype)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The GPU checks of loralite in one run (under 10 minutes on one H200):
+#   1. build loralite._C with its CUDA GEMV (pip install --no-build-isolation -e .),
+#   2. run the kernel tests on the GPU (Triton compiled, the CUDA GEMV run),
+#   3. run benchmarks/kernels.py, then every other benchmark that takes --device cuda.
+# Usage: benchmarks/gpu_suite.sh OUTDIR   (logs, JSON and Markdown are written into OUTDIR)
+set -uo pipefail
+OUTDIR=$(mkdir -p "${1:?usage: benchmarks/gpu_suite.sh OUTDIR}" && cd "$1" && pwd)
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+status=0
+
+step() {  # step NAME SECONDS COMMAND...: runs COMMAND with a time limit, logging to OUTDIR/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name: $*"
+    local start=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: exit $rc after $((SECONDS - start)) s" | tee -a "$OUTDIR/summary.txt"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+step build 150 "$PYTHON" -m pip install --no-build-isolation --no-deps -e .
+step extension 60 "$PYTHON" -c "import torch; from loralite import ops; \
+assert ops.HAS_EXTENSION and hasattr(torch.ops.loralite, 'nf4_gemv'), 'loralite._C was built without CUDA'; \
+print('loralite._C with the CUDA GEMV, on', torch.cuda.get_device_name())"
+step tests 180 "$PYTHON" -m pytest tests/test_kernels.py tests/test_csrc.py tests/test_ops.py -q -x
+step kernels 240 "$PYTHON" benchmarks/kernels.py --out-dir "$OUTDIR"
+for bench in benchmarks/*.py; do
+    name=$(basename "$bench" .py)
+    [ "$name" = kernels ] && continue
+    if "$PYTHON" "$bench" --help 2>/dev/null | grep -q -- "--device"; then
+        step "$name" 90 "$PYTHON" "$bench" --device cuda --quick
+        cp benchmarks/results/"$name".{json,md} "$OUTDIR"/ 2>/dev/null
+    fi
+done
+exit $status

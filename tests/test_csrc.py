@@ -1,0 +1,148 @@
+"""The C++/CUDA sources in csrc/ against the NF4 reference.
+
+The CPU operator is taken from the installed ``loralite._C`` when it was built, otherwise
+compiled here with the host compiler straight into a shared library (cached in the temp
+folder by source hash) and loaded with ``torch.ops.load_library``. The CUDA sources compile
+with ``nvcc -c`` wherever nvcc exists, with or without a GPU; running the GEMV needs a GPU.
+"""
+
+import hashlib
+import os
+import pathlib
+import shutil
+import subprocess
+import tempfile
+
+import pytest
+import torch
+
+from loralite import nf4, ops
+
+CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+TORCH_DIR = pathlib.Path(torch.__file__).parent
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+
+
+def _cached_build(name: str, sources: list[pathlib.Path], command) -> pathlib.Path:
+    """Runs ``command(output_path)`` once per content of ``sources``; returns the output path."""
+    digest = hashlib.sha256(torch.__version__.encode())
+    for source in sources:
+        digest.update(source.read_bytes())
+    folder = pathlib.Path(tempfile.gettempdir()) / f"loralite-csrc-{digest.hexdigest()[:16]}"
+    folder.mkdir(exist_ok=True)
+    output = folder / name
+    if not output.exists():
+        partial = folder / f"{name}.{os.getpid()}.tmp"
+        result = subprocess.run(command(partial), capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-4000:]
+        os.replace(partial, output)
+    return output
+
+
+def _torch_flags() -> list[str]:
+    return [f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-std=c++20",
+            f"-I{TORCH_DIR / 'include'}", f"-I{TORCH_DIR / 'include/torch/csrc/api/include'}"]
+
+
+@pytest.fixture(scope="module")
+def dequantize_op():
+    """torch.ops.loralite.nf4_dequantize, from the installed extension or compiled here."""
+    if not hasattr(torch.ops.loralite, "nf4_dequantize"):
+        source = CSRC / "nf4_cpu.cpp"
+        cxx = os.environ.get("CXX", "c++")
+        library = _cached_build("nf4_cpu.so", [source], lambda out: [
+            cxx, "-O3", "-shared", "-fPIC", "-ffp-contract=off", *_torch_flags(), str(source), "-o", str(out),
+            f"-L{TORCH_DIR / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"])
+        torch.ops.load_library(str(library))
+    return torch.ops.loralite.nf4_dequantize
+
+
+def _run(op, q, dtype):
+    flat = op(q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, q.blocksize, q.numel, dtype)
+    return flat.view(q.shape)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize, shape", [(64, (96, 160)), (64, (33, 65)), (128, (7, 99)),
+                                              (256, (300, 256)), (64, (1, 1)), (64, (513, 130))])
+def test_cpu_dequantize_equals_reference_bitwise(dequantize_op, blocksize, shape, quant_type, double_quant):
+    torch.manual_seed(blocksize + shape[0])
+    w = torch.randn(shape) * torch.logspace(-3, 2, shape[1])  # scales spread over 5 decades
+    w[0, : shape[1] // 2] = 0.0  # whole blocks of zeros
+    q = nf4.quantize(w, blocksize, double_quant, quant_type)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(_run(dequantize_op, q, dtype), q.dequantize(dtype)), dtype
+
+
+def test_cpu_dequantize_out_variant_writes_into_the_buffer(dequantize_op):
+    q = nf4.quantize(torch.randn(40, 72), 64)
+    out = torch.full((40 * 72,), float("nan"), dtype=torch.bfloat16)
+    result = torch.ops.loralite.nf4_dequantize.out(q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset,
+                                                   q.code, q.blocksize, q.numel, torch.bfloat16, out=out)
+    assert result.data_ptr() == out.data_ptr()
+    assert torch.equal(out.view(40, 72), q.dequantize(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="out must be"):
+        torch.ops.loralite.nf4_dequantize.out(q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset,
+                                              q.code, q.blocksize, q.numel, torch.float32, out=out)
+
+
+def test_cpu_dequantize_is_the_auto_path_when_built(dequantize_op):
+    """ops.dequantize on CPU uses the operator exactly when loralite._C is installed."""
+    q = nf4.quantize(torch.randn(64, 96), 64)
+    assert ops._path(q.data) == ("cpp" if ops.HAS_EXTENSION else "reference")
+    assert torch.equal(ops.dequantize(q, torch.bfloat16), _run(dequantize_op, q, torch.bfloat16))
+
+
+def test_cpu_dequantize_rejects_bad_inputs(dequantize_op):
+    q = nf4.quantize(torch.randn(8, 64), 64)
+    with pytest.raises(RuntimeError, match="bytes"):
+        dequantize_op(q.data[:-1], q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code, 64, 512,
+                      torch.float32)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        _run(dequantize_op, q, torch.int32)
+
+
+@needs_nvcc
+def test_every_cu_file_compiles_with_nvcc():
+    for source in sorted(CSRC.glob("*.cu")):
+        _cached_build(source.stem + ".o", [source, *CSRC.glob("*.h")], lambda out, source=source: [
+            NVCC, "-c", "-O3", "--fmad=false", "-arch=sm_80", f"-I{CSRC}", str(source), "-o", str(out)])
+
+
+@needs_nvcc
+def test_gemv_binding_compiles_against_torch_cuda_headers(tmp_path):
+    """The thin torch binding compiles (to an object file) against torch's c10/cuda headers and CUDA's.
+
+    A CPU-only torch ships c10/cuda but not its generated cuda_cmake_macros.h; an empty one
+    stands in for it, since the binding uses none of its build switches.
+    """
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.touch()
+    homes = [os.environ.get("CUDA_HOME", ""), pathlib.Path(NVCC).resolve().parent.parent, "/usr/local/cuda"]
+    cuda_include = next(pathlib.Path(home) / "include" for home in homes
+                        if home and (pathlib.Path(home) / "include" / "cuda_runtime.h").exists())
+    source = CSRC / "nf4_gemv_binding.cpp"
+    _cached_build("nf4_gemv_binding.o", [source, *CSRC.glob("*.h")], lambda out: [
+        os.environ.get("CXX", "c++"), "-c", "-O0", *_torch_flags(), f"-I{tmp_path}", f"-I{cuda_include}",
+        f"-I{CSRC}", str(source), "-o", str(out)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="running the CUDA GEMV needs a GPU")
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_cuda_gemv_matches_reference(m, dtype):
+    assert hasattr(torch.ops.loralite, "nf4_gemv"), "loralite._C was built without CUDA: pip install --no-build-isolation -e ."
+    torch.manual_seed(m)
+    for double_quant in (True, False):
+        q = nf4.quantize(torch.randn(1000, 4096, device="cuda") * 0.02, 64, double_quant)
+        x = torch.randn(m, 4096, device="cuda").to(dtype)
+        y = torch.ops.loralite.nf4_gemv(x, q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset,
+                                        q.code, 1000, 4096, 64)
+        exact = (x.double() @ q.dequantize(dtype).double().T).float()
+        tolerance = {torch.float32: 1e-4, torch.float16: 2**-10, torch.bfloat16: 2**-8}[dtype]
+        torch.testing.assert_close(y.float(), exact, rtol=tolerance, atol=1e-3)
+        assert ops._uses_gemv(x, q)
+        torch.testing.assert_close(ops.nf4_matmul(x, q), y, rtol=0, atol=0)

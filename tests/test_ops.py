@@ -1,0 +1,66 @@
+"""loralite.ops: the dispatch picks one path per device, and every path computes the reference."""
+
+import pytest
+import torch
+
+from loralite import nf4, ops
+
+
+@pytest.fixture
+def q():
+    torch.manual_seed(0)
+    return nf4.quantize(torch.randn(48, 80) * 0.05, 64, double_quant=True)
+
+
+def test_reference_mode_is_the_reference(q, monkeypatch):
+    monkeypatch.setenv("LORALITE_KERNELS", "reference")
+    assert ops._path(q.data) == "reference"
+    assert torch.equal(ops.dequantize(q, torch.bfloat16), q.dequantize(torch.bfloat16))
+    x = torch.randn(3, 7, 80)
+    torch.testing.assert_close(ops.nf4_matmul(x, q), x @ q.dequantize(torch.float32).T, rtol=0, atol=0)
+    g = torch.randn(3, 7, 48)
+    torch.testing.assert_close(ops.nf4_matmul_t(g, q), g @ q.dequantize(torch.float32), rtol=0, atol=0)
+
+
+def test_auto_mode_on_cpu_takes_the_extension_when_built(q, monkeypatch):
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    assert ops._path(q.data) == ("cpp" if ops.HAS_EXTENSION else "reference")
+    for dtype in (None, torch.bfloat16, torch.float16, torch.float32):
+        assert torch.equal(ops.dequantize(q, dtype), q.dequantize(dtype))
+    x = torch.randn(2, 80, dtype=torch.bfloat16)
+    # Same dense weight, same torch.matmul: exactly the reference's numbers.
+    assert torch.equal(ops.nf4_matmul(x, q), x @ q.dequantize(torch.bfloat16).T)
+    assert not ops._uses_gemv(x, q)  # the CUDA GEMV is for CUDA tensors only
+
+
+@pytest.mark.parametrize("mode", ["reference", "auto"])
+def test_dequantize_into_a_buffer(q, mode, monkeypatch):
+    monkeypatch.setenv("LORALITE_KERNELS", mode)
+    out = torch.empty(48, 80, dtype=torch.bfloat16)
+    assert ops.dequantize(q, torch.bfloat16, out=out) is out
+    assert torch.equal(out, q.dequantize(torch.bfloat16))
+
+
+def test_unknown_mode_names_the_variable(q, monkeypatch):
+    monkeypatch.setenv("LORALITE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="LORALITE_KERNELS"):
+        ops.dequantize(q)
+
+
+def test_linear4bit_uses_the_dispatch(q, monkeypatch):
+    """Linear4bit's forward and backward go through ops, on every mode available on CPU."""
+    from loralite.quantize import Linear4bit
+
+    layer = Linear4bit(q, compute_dtype=torch.float32)
+    x = torch.randn(5, 80, requires_grad=True)
+    outputs = []
+    for mode in ("reference", "auto"):
+        monkeypatch.setenv("LORALITE_KERNELS", mode)
+        x.grad = None
+        y = layer(x)
+        y.sum().backward()
+        outputs.append((y.detach(), x.grad.clone()))
+    w = q.dequantize(torch.float32)
+    for y, grad in outputs:
+        torch.testing.assert_close(y, x.detach() @ w.T, rtol=0, atol=0)
+        torch.testing.assert_close(grad, torch.ones(5, 48) @ w, rtol=0, atol=0)
