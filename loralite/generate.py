@@ -83,7 +83,9 @@ def generate_ids(model: Llama, prompts: list[list[int]], max_new_tokens: int, st
     stop = torch.tensor(sorted(stop_ids), device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     out = []
-    logits = model(ids, attention_mask=mask, cache=cache)[:, -1]  # (B, V)
+    if bool(mask.all()):
+        mask = None  # no padding: plain causal attention, no mask to build at each step
+    logits = model(ids, attention_mask=mask, cache=cache, last_only=True)[:, -1]  # (B, V)
     for _ in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, pad_id, nxt)
@@ -93,8 +95,9 @@ def generate_ids(model: Llama, prompts: list[list[int]], max_new_tokens: int, st
         done |= torch.isin(nxt, stop)
         if bool(done.all()):
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        logits = model(nxt[:, None], attention_mask=mask, cache=cache)[:, -1]
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        logits = model(nxt[:, None], attention_mask=mask, cache=cache, last_only=True)[:, -1]
     rows = torch.stack(out, dim=1).tolist() if out else [[] for _ in range(B)]
     result = []
     for row in rows:

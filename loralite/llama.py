@@ -191,7 +191,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
         y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1 and cache is None,
+            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,  # no mask: keys are exactly these T tokens
             enable_gqa=self.n_kv != self.n_heads,
         )  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
@@ -289,7 +289,7 @@ class Llama(nn.Module):
                        [make() for _ in range(c.num_hidden_layers)])
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, V) in fp32 for ``input_ids`` (B, T).
 
         Args:
@@ -299,6 +299,8 @@ class Llama(nn.Module):
             segment_ids: (B, T) example index of each token of a packed row; attention stays
                 inside each example.
             cache: a ``KVCache`` from ``make_cache``; filled in place and advanced by T.
+            last_only: compute the logits of the last position only (B, 1, V), as decoding
+                needs; the output head is the largest matmul of a small model.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -314,7 +316,7 @@ class Llama(nn.Module):
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = None
-        if attention_mask is not None or segment_ids is not None or (cache is not None and T > 1):
+        if attention_mask is not None or segment_ids is not None or (past > 0 and T > 1):
             q_pos = torch.arange(past, past + T, device=device)
             mask = attention_mask_4d(attention_mask, segment_ids, q_pos, past + T)
         for layer in self.model.layers:
@@ -324,4 +326,6 @@ class Llama(nn.Module):
                 x = layer(x, cos, sin, mask, cache)
         if cache is not None:
             cache.length += T
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x)).float()

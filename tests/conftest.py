@@ -26,3 +26,32 @@ def hf_llama(**overrides):
 @pytest.fixture
 def tiny_hf():
     return hf_llama()
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """The embedded SmolLM2-135M-Instruct, loaded by loralite in fp32 (shared: it takes seconds)."""
+    from loralite.loading import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def default_tokenizer():
+    from loralite.tokenizer import load_tokenizer
+
+    return load_tokenizer("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def hf_default():
+    """transformers' own reading of the same GGUF file: (model, tokenizer), the reference."""
+    import transformers
+
+    from loralite.gguf import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return model, tok

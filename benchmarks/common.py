@@ -1,0 +1,74 @@
+"""What every benchmark shares: machine facts, alternating timing, JSON + Markdown output.
+
+Machines here are shared and noisy, so each suite times loralite and its peer in turns,
+in one process, and reports medians and their ratio rather than absolute numbers alone.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine_info() -> dict:
+    """The facts a reader needs to compare numbers across runs."""
+    info = {"torch": torch.__version__, "python": platform.python_version(),
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_alternating(fns: dict, repeats: int = 5, warmup: int = 1, device="cpu") -> dict[str, float]:
+    """Median seconds per call of each function, called in turns so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: list[dict], meta: dict | None = None, notes: str = "",
+                  folder: Path = RESULTS) -> Path:
+    """Write ``folder/name.json`` (meta + rows) and ``folder/name.md`` (a table)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {**machine_info(), **(meta or {})}
+    (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    header = f"# {name}\n\n" + ", ".join(f"{k}: {v}" for k, v in meta.items()) + "\n\n"
+    (folder / f"{name}.md").write_text(header + markdown_table(rows) + "\n" + (f"\n{notes}\n" if notes else ""))
+    print(markdown_table(rows))
+    return folder / f"{name}.json"
