@@ -1,0 +1,237 @@
+"""AdamW with 8-bit blockwise-quantized optimizer states (Dettmers et al., 2022).
+
+"8-bit Optimizers via Block-wise Quantization" (arXiv:2110.02861) keeps Adam's two
+moment estimates in one byte per element instead of four. Each state tensor is cut
+into blocks of ``block_size`` elements; a block stores one fp32 scale (its absolute
+maximum) and, per element, the index of the nearest entry of a 256-value codebook
+after dividing by that scale:
+
+    state[i] ~= code[q[i]] * absmax[i // block_size]
+
+The codebook is the *dynamic* (tree) map of Dettmers (2016, arXiv:1511.04561): one
+decade of magnitude per exponent, from 1e-6 to 1, so small and large moments both keep
+a few significant bits. The first moment ``m`` (signed) uses the signed map; the second
+moment ``v`` (never negative) the unsigned map, which spends the sign bit on precision.
+
+Each step dequantizes both states, applies the fp32 AdamW update, and quantizes them
+again, exactly as bitsandbytes' ``AdamW8bit`` does; the parameter update itself uses
+the fp32 states of this step. Tensors smaller than ``min_8bit_size`` keep fp32 states
+(their scales would cost more than they save), also as in bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Elements per update chunk: bounds the fp32 temporaries of one step to a few MiB for
+# any tensor size, so 8-bit states also keep the *peak* memory low.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def dynamic_map(signed: bool) -> torch.Tensor:
+    """The 256-entry dynamic quantization map of bitsandbytes, sorted, float32.
+
+    For exponent e = 0..6 the decade [10^(e-6), 10^(e-5)) gets the midpoints of an even
+    split of [0.1, 1] scaled by 10^(e-6): 2^e values per sign when signed, 2^(e+1) when
+    unsigned. Adding 0 and 1 completes 2 * 127 + 2 = 254 + 2 = 256 entries.
+
+    Args:
+        signed: the map for signed values (first moment) or for non-negative values
+            (second moment).
+
+    Returns:
+        (256,) float32, ascending; equal to ``bitsandbytes.functional.create_dynamic_map``.
+    """
+    values = [0.0, 1.0]
+    for exponent in range(7):
+        count = 2**exponent if signed else 2 ** (exponent + 1)
+        edges = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0  # (count,) in [0.1, 1]
+        decade = (10 ** (exponent - 6)) * means
+        values += decade.tolist()
+        if signed:
+            values += (-decade).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
+
+
+def quantize_blockwise(x: torch.Tensor, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nearest-code quantization of each row of ``x`` scaled by the row's absmax.
+
+    Args:
+        x: (blocks, block_size) float32.
+        code: (256,) ascending float32 map.
+
+    Returns:
+        ``(q, absmax)``: (blocks, block_size) uint8 indices into ``code`` and (blocks,)
+        float32 scales, such that ``x ~= code[q] * absmax[:, None]``.
+    """
+    absmax = x.abs().amax(dim=1)  # (blocks,)
+    # An all-zero block divides 0 by a tiny scale: every element maps to the code 0.
+    normed = x / absmax.clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # in [-1, 1]
+    # The nearest code: count the midpoints between neighbouring codes that lie below.
+    midpoints = (code[:-1] + code[1:]) / 2  # (255,)
+    return torch.bucketize(normed, midpoints).to(torch.uint8), absmax
+
+
+def dequantize_blockwise(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    """``code[q] * absmax[:, None]``: (blocks, block_size) uint8 -> float32."""
+    return code[q.long()] * absmax[:, None]
+
+
+class AdamW8bit(torch.optim.Optimizer):
+    """AdamW (Loshchilov & Hutter, arXiv:1711.05101) with 8-bit blockwise states.
+
+    With g the gradient at step t, lr the learning rate and wd the weight decay:
+
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g^2
+        p = p * (1 - lr * wd) - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    the same update as ``torch.optim.AdamW``, with m and v stored as 8-bit codes plus one
+    fp32 absmax per ``block_size`` elements (about 2 bytes of state per parameter, against
+    8 for fp32 AdamW). Parameters may be fp32, fp16 or bf16; the arithmetic is fp32.
+
+    State per parameter (all tensors or ints, so checkpoints need no pickle):
+        ``step`` (int); 8-bit: ``exp_avg``, ``exp_avg_sq`` (numel,) uint8 codes and
+        ``exp_avg_absmax``, ``exp_avg_sq_absmax`` (blocks,) float32;
+        fp32 (numel < ``min_8bit_size``): ``exp_avg``, ``exp_avg_sq`` shaped like the
+        parameter, float32.
+
+    Args:
+        params: parameters or parameter groups, as for any ``torch.optim.Optimizer``.
+        lr: learning rate.
+        betas: decay rates (b1, b2) of the first and second moment.
+        eps: added to the denominator for stability.
+        weight_decay: decoupled weight decay, applied as ``p *= 1 - lr * wd``.
+        block_size: elements per quantization block (bitsandbytes 0.45+ uses 256).
+        min_8bit_size: tensors with fewer elements keep fp32 states.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.01, block_size: int = 2048,
+                 min_8bit_size: int = 4096):
+        if lr < 0.0:
+            raise ValueError(f"AdamW8bit: lr must be >= 0, got {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"AdamW8bit: betas must lie in [0, 1), got {betas}")
+        if eps < 0.0 or weight_decay < 0.0:
+            raise ValueError(f"AdamW8bit: eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        if block_size < 1:
+            raise ValueError(f"AdamW8bit: block_size must be positive, got {block_size}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        block_size=block_size, min_8bit_size=min_8bit_size)
+        super().__init__(params, defaults)
+        self._codes: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _maps(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (signed, unsigned) dynamic maps on ``device``, built once per device."""
+        if device not in self._codes:
+            self._codes[device] = (dynamic_map(True).to(device), dynamic_map(False).to(device))
+        return self._codes[device]
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step over every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise ValueError("AdamW8bit does not support sparse gradients")
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, group, state)
+                state["step"] += 1
+                self._update(p, group, state)
+        return loss
+
+    def _init_state(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        """Zero moments: 8-bit codes + absmax for large tensors, fp32 for small ones."""
+        state["step"] = 0
+        if p.numel() < group["min_8bit_size"]:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+            return
+        blocks = math.ceil(p.numel() / group["block_size"])
+        for name in ("exp_avg", "exp_avg_sq"):
+            # absmax 0 makes every code dequantize to 0, whatever the code.
+            state[name] = torch.zeros(p.numel(), dtype=torch.uint8, device=p.device)
+            state[f"{name}_absmax"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+
+    def _update(self, p: torch.Tensor, group: dict, state: dict) -> None:
+        """Apply one step to ``p`` in chunks of whole blocks, then write ``p`` back."""
+        param = p.detach()
+        work = param if param.is_contiguous() else param.contiguous()
+        flat_p, flat_g = work.view(-1), p.grad.detach().reshape(-1)
+        quantized = state["exp_avg"].dtype == torch.uint8
+        size = group["block_size"] * max(1, _CHUNK_ELEMENTS // group["block_size"])
+        for start in range(0, flat_p.numel(), size):
+            chunk = slice(start, start + size)
+            if quantized:
+                self._update_8bit(flat_p[chunk], flat_g[chunk], group, state, chunk)
+            else:
+                m, v = state["exp_avg"].view(-1)[chunk], state["exp_avg_sq"].view(-1)[chunk]
+                self._adamw(flat_p[chunk], flat_g[chunk], m, v, group, state["step"])
+        if work is not param:
+            param.copy_(work)
+
+    def _update_8bit(self, p: torch.Tensor, g: torch.Tensor, group: dict, state: dict,
+                     chunk: slice) -> None:
+        """Dequantize this chunk's states, step, quantize them back in place."""
+        signed, unsigned = self._maps(p.device)
+        bs, n = group["block_size"], p.numel()
+        blocks = slice(chunk.start // bs, chunk.start // bs + math.ceil(n / bs))
+        padded = (blocks.stop - blocks.start) * bs  # the last block of a tensor may be short
+        m = self._dequantize(state["exp_avg"][chunk], state["exp_avg_absmax"][blocks], signed, padded)
+        v = self._dequantize(state["exp_avg_sq"][chunk], state["exp_avg_sq_absmax"][blocks], unsigned, padded)
+        self._adamw(p, g, m[:n], v[:n], group, state["step"])
+        for name, code, value in (("exp_avg", signed, m), ("exp_avg_sq", unsigned, v)):
+            value[n:] = 0.0  # padding never raises a block's absmax
+            q, absmax = quantize_blockwise(value.view(-1, bs), code)  # (blocks, bs)
+            state[name][chunk] = q.view(-1)[:n]
+            state[f"{name}_absmax"][blocks] = absmax
+
+    @staticmethod
+    def _dequantize(q: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, padded: int) -> torch.Tensor:
+        """fp32 values of the codes ``q`` (n,), zero-padded to ``padded`` = blocks * block_size."""
+        codes = q
+        if q.numel() < padded:
+            codes = torch.zeros(padded, dtype=torch.uint8, device=q.device)
+            codes[: q.numel()] = q
+        return dequantize_blockwise(codes.view(absmax.numel(), -1), absmax, code).view(-1)
+
+    @staticmethod
+    def _adamw(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor,
+               group: dict, step: int) -> None:
+        """The fp32 AdamW update of one chunk; ``m``, ``v`` fp32, updated in place."""
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
+        g32, p32 = g.float(), p.float()  # views when already fp32
+        m.mul_(beta1).add_(g32, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g32, g32, value=1.0 - beta2)
+        denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+        p32.mul_(1.0 - lr * wd)
+        p32.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
+        if p32.data_ptr() != p.data_ptr():
+            p.copy_(p32)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``, keeping the saved dtypes of the states.
+
+        ``torch.optim.Optimizer.load_state_dict`` casts every floating state to the
+        parameter's dtype (uint8 codes would become floats, fp32 scales bf16); this
+        restores each state tensor exactly as saved, on the parameter's device.
+        """
+        saved = {index: dict(s) for index, s in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, values in saved.items():
+            p = params[int(index)]
+            self.state[p] = {key: value.to(p.device, copy=True) if torch.is_tensor(value) else value
+                             for key, value in values.items()}
