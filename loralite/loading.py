@@ -19,13 +19,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from loralite import gguf
+from loralite import gguf, nf4
 from loralite.llama import Llama, LlamaConfig
+from loralite.quantize import Linear4bit, NF4Config, quantize_model
 
 # Safetensors dtype names -> bytes per element, for the header checks.
 _DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
                 "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header, in bytes
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
 class CheckpointError(ValueError):
@@ -133,12 +135,23 @@ def expected_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in model.state_dict(keep_vars=True).items()}
 
 
-def assign_checked(model: Llama, tensors, dtype, device, source: str):
+def _quantized_owner(model: torch.nn.Module, key: str) -> Linear4bit | None:
+    """The ``Linear4bit`` that ``key`` ("...q_proj.weight" / ".bias") belongs to, if any."""
+    owner, _, _ = key.rpartition(".")
+    module = model.get_submodule(owner) if owner else model
+    return module if isinstance(module, Linear4bit) else None
+
+
+def assign_checked(model: Llama, tensors, dtype, device, source: str, quant: NF4Config | None = None):
     """Check every key and shape against ``model`` (on meta), then assign them in place.
 
-    ``tensors`` yields (key, tensor, file). A tied ``lm_head.weight`` may be absent.
+    ``tensors`` yields (key, tensor, file); a tied ``lm_head.weight`` may be absent. With
+    ``quant``, each linear's weight is quantized as soon as it is read and its dense copy
+    dropped, so peak memory stays near the 4-bit size of the model.
     """
     want = expected_shapes(model)
+    if quant is not None:
+        quantize_model(model, quant)  # on meta: Linear4bit shells, filled below
     got = {}
     for key, t, path in tensors:
         if key not in want:
@@ -147,8 +160,16 @@ def assign_checked(model: Llama, tensors, dtype, device, source: str):
         if t.shape != want[key]:
             raise CheckpointError(f"{path}: {key!r} has shape {tuple(t.shape)}, the config "
                                   f"needs {tuple(want[key])}")
-        got[key] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-    missing = set(want) - set(got)
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        layer = _quantized_owner(model, key) if quant is not None else None
+        if layer is not None and key.endswith(".weight"):
+            layer.weight = nf4.quantize(t, quant.blocksize, quant.double_quant, quant.quant_type)
+        elif layer is not None:
+            layer.bias = torch.nn.Parameter(t, requires_grad=False)
+        else:
+            got[key] = t
+        want[key] = None  # seen
+    missing = {k for k, v in want.items() if v is not None}
     if model.config.tie_word_embeddings:
         missing.discard("lm_head.weight")
     if missing:
@@ -159,14 +180,36 @@ def assign_checked(model: Llama, tensors, dtype, device, source: str):
     return model
 
 
-def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
+def load_bnb_4bit(model: Llama, tensors, quant: NF4Config, dtype, device, source: str):
+    """Fill ``model`` (on meta) from a bitsandbytes 4-bit checkpoint, codes and scales as stored."""
+    quantize_model(model, quant)
+    got = {key: t.to(device=device, dtype=dtype if t.dtype in _FLOATS else t.dtype)
+           for key, t, _ in tensors}
+    if model.config.tie_word_embeddings:
+        got.pop("lm_head.weight", None)
+    try:
+        result = model.load_state_dict(got, strict=False, assign=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"{source}: not a bnb-4bit checkpoint of this config: {e}") from None
+    missing = set(result.missing_keys) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{source}: bnb-4bit keys do not match the config: missing "
+                              f"{sorted(missing)[:5]}, unexpected {sorted(result.unexpected_keys)[:5]}")
+    model.tie_weights()
+    return model
+
+
+def load_model(path, dtype: torch.dtype = torch.float32, device="cpu",
+               quantize: NF4Config | None = None) -> Llama:
     """Load a Llama from an HF folder, a ``.gguf`` file or the name ``"smollm2-135m"``.
 
     Args:
-        path: checkpoint folder (``config.json`` + ``*.safetensors``, sharded or not), GGUF
-            file, or a registered name (``gguf.resolve_model_path``).
-        dtype: dtype of the floating-point weights.
+        path: checkpoint folder (``config.json`` + ``*.safetensors``, sharded or not; a
+            bitsandbytes 4-bit folder loads straight into ``Linear4bit``), GGUF file, or a
+            registered name (``gguf.resolve_model_path``).
+        dtype: dtype of the floating-point (non-quantized) weights.
         device: where the weights go.
+        quantize: quantize the linears to NF4 layer by layer while loading.
     """
     path = gguf.resolve_model_path(path)
     if path.is_file() and path.suffix in (".bin", ".pt", ".pth"):
@@ -181,7 +224,15 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu") -> Llama:
     config = LlamaConfig.from_dict(config_dict, source=str(path))
     with torch.device("meta"):
         model = Llama(config)
-    return assign_checked(model, tensors, dtype, device, str(path)).eval()
+    if "quantization_config" in config_dict:
+        try:
+            stored = NF4Config.from_hf_quantization_config(config_dict["quantization_config"])
+        except ValueError as e:
+            raise CheckpointError(f"{path / 'config.json'}: {e}") from None
+        if quantize is not None:
+            raise ValueError(f"{path}: the checkpoint is already 4-bit; load it without quantize=")
+        return load_bnb_4bit(model, tensors, stored, dtype, device, str(path)).eval()
+    return assign_checked(model, tensors, dtype, device, str(path), quantize).eval()
 
 
 def atomic_write_bytes(path: Path, data: bytes):
@@ -216,20 +267,41 @@ def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict]:
     return shards + [current]
 
 
+def quantization_of(model: Llama) -> NF4Config | None:
+    """The ``NF4Config`` a quantized model was built with (None for a dense one)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if not layers:
+        return None
+    q = layers[0].weight
+    dense = tuple(sorted({name.rpartition(".")[2] for name, m in model.named_modules()
+                          if isinstance(m, torch.nn.Linear)}))
+    return NF4Config(blocksize=q.blocksize, double_quant=q.double_quant, quant_type=q.quant_type,
+                     compute_dtype=layers[0].compute_dtype, skip_modules=dense)
+
+
 def save_model(model: Llama, folder, max_shard_size: int = 5 * 2**30, tokenizer=None):
     """Write ``model`` as an HF checkpoint folder transformers can load.
 
+    A model with ``Linear4bit`` layers is written in the bitsandbytes 4-bit layout with its
+    ``quantization_config``, as transformers + bitsandbytes read it.
     ``config.json`` plus ``model.safetensors``, or shards ``model-0000i-of-0000n.safetensors``
     and ``model.safetensors.index.json`` when larger than ``max_shard_size`` bytes. Every file
     is written atomically. A tied ``lm_head.weight`` is stored once, as transformers does.
     """
     folder = Path(folder)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu().contiguous()
+        # safetensors stores no shared memory: shared codebooks (NF4 quant maps) get a copy each
+        state[k] = v.clone() if v.untyped_storage().data_ptr() in seen else v
+        seen.add(v.untyped_storage().data_ptr())
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    dtypes = {t.dtype for t in state.values() if t.is_floating_point()}
     config = model.config.to_dict()
-    config["torch_dtype"] = str(next(iter(dtypes))).removeprefix("torch.") if len(dtypes) == 1 else "float32"
+    config["torch_dtype"] = str(model.model.embed_tokens.weight.dtype).removeprefix("torch.")
+    quant = quantization_of(model)
+    if quant is not None:
+        config["quantization_config"] = quant.to_hf_quantization_config()
     shards = _shards(state, max_shard_size)
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])

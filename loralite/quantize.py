@@ -71,7 +71,8 @@ class NF4Config:
             double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
             quant_type=qc.get("bnb_4bit_quant_type", "fp4"),
             compute_dtype=_BNB_DTYPES[compute],
-            skip_modules=tuple(qc.get("llm_int8_skip_modules") or ()),
+            # transformers keeps the output head dense when the checkpoint names no modules
+            skip_modules=tuple(qc.get("llm_int8_skip_modules") or ("lm_head",)),
         )
 
 
@@ -162,6 +163,9 @@ class Linear4bit(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         own = [k for k in state_dict if k.startswith(prefix)]  # a Linear4bit has no children: all are its keys
+        if prefix + "weight" not in state_dict:  # a partial load (e.g. adapter tensors only)
+            missing_keys.append(prefix + "weight")
+            return
         try:
             q = NF4Tensor.from_bnb_state_dict(state_dict, prefix + "weight")
         except ValueError as e:

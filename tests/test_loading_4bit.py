@@ -1,0 +1,83 @@
+"""bitsandbytes 4-bit checkpoints in and out, and quantize-while-loading, against transformers + bitsandbytes."""
+
+import json
+
+import pytest
+import torch
+import transformers
+
+import loralite as ll
+from conftest import hf_llama
+from loralite.loading import CheckpointError, load_model, save_model
+from loralite.quantize import Linear4bit
+
+IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+FP32_NF4 = ll.NF4Config(compute_dtype=torch.float32)
+
+
+def hf_4bit(folder, double_quant=True, quant_type="nf4"):
+    bnb = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant_type,
+                                          bnb_4bit_use_double_quant=double_quant,
+                                          bnb_4bit_compute_dtype=torch.float32)
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        folder, quantization_config=bnb, device_map="cpu", dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def dense(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dense")
+    hf_llama(tie_word_embeddings=request.param).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("double_quant, quant_type", [(True, "nf4"), (False, "nf4"), (True, "fp4")])
+def test_reads_bitsandbytes_checkpoints_as_stored(dense, tmp_path, double_quant, quant_type):
+    ref = hf_4bit(dense, double_quant, quant_type)
+    ref.save_pretrained(tmp_path)
+    ours = load_model(tmp_path)
+    assert isinstance(ours.model.layers[0].mlp.up_proj, Linear4bit)
+    assert not isinstance(ours.lm_head, Linear4bit)  # transformers keeps the head dense
+    stored = {k: v for k, v in ref.state_dict().items() if "layers.1.self_attn.q_proj" in k}
+    mine = {k: v for k, v in ours.state_dict().items() if "layers.1.self_attn.q_proj" in k}
+    assert stored.keys() == mine.keys()
+    for k in stored:
+        assert torch.equal(stored[k], mine[k]), k  # no dequantize/requantize round trip
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+
+
+def test_quantize_while_loading_equals_bitsandbytes(dense):
+    ours = load_model(dense, quantize=FP32_NF4)
+    ref = hf_4bit(dense)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(IDS), ref(IDS).logits, atol=1e-5, rtol=0)
+    later = ll.quantize_model(load_model(dense), FP32_NF4)
+    with torch.no_grad():
+        assert torch.equal(ours(IDS), later(IDS))
+
+
+def test_saved_4bit_folder_loads_in_transformers(dense, tmp_path):
+    ours = load_model(dense, quantize=FP32_NF4)
+    save_model(ours, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["bnb_4bit_use_double_quant"] is True
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, device_map="cpu", dtype=torch.float32)
+    assert type(back.model.layers[0].mlp.up_proj).__module__.startswith("bitsandbytes")
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, ours(IDS), atol=1e-5, rtol=0)
+        torch.testing.assert_close(load_model(tmp_path)(IDS), ours(IDS), atol=0, rtol=0)
+
+
+def test_already_quantized_with_quantize_is_an_error(dense, tmp_path):
+    save_model(load_model(dense, quantize=FP32_NF4), tmp_path)
+    with pytest.raises(ValueError, match="already 4-bit"):
+        load_model(tmp_path, quantize=FP32_NF4)
+
+
+def test_bad_quantization_config_names_the_file(dense, tmp_path):
+    save_model(load_model(dense, quantize=FP32_NF4), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match="config.json.*not bitsandbytes 4-bit"):
+        load_model(tmp_path)
