@@ -10,22 +10,25 @@ Pickled checkpoints (``.bin``, ``.pt``) are refused: unpickling runs arbitrary c
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 from loralite import gguf, nf4
 from loralite.llama import Llama, LlamaConfig
 from loralite.quantize import Linear4bit, NF4Config, quantize_model
 
-# Safetensors dtype names -> bytes per element, for the header checks.
-_DTYPE_SIZES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2,
-                "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
+# Safetensors dtype names -> torch dtypes (and so bytes per element, for the header checks).
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                 "F8_E5M2": torch.float8_e5m2, "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64}
+_DTYPE_SIZES = {name: dtype.itemsize for name, dtype in _TORCH_DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit on the JSON header, in bytes
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -120,15 +123,33 @@ def read_hf_config(folder: Path) -> dict:
 
 
 def iter_safetensors(files: list[Path]):
-    """Yield (key, tensor, file) for every tensor of every file, validated and memory-mapped."""
+    """Yield (key, tensor, file) for every tensor of every file: views into a memory map.
+
+    The map is private (copy-on-write), so the tensors are writable and the file is never
+    changed. Once the consumer has moved on to the next tensor, the pages under the previous
+    one are handed back to the OS (``MADV_DONTNEED``); a view that was kept reads them from
+    the file again when touched. Reading a checkpoint therefore holds about one tensor of it
+    in resident memory at a time, which is what keeps quantize-while-loading small.
+    """
+    page = mmap.PAGESIZE
     for path in files:
-        read_safetensors_header(path)
-        try:
-            with safe_open(path, framework="pt") as f:
-                for key in f.keys():
-                    yield key, f.get_tensor(key), path
-        except SafetensorError as e:
-            raise CheckpointError(f"{path}: {e}") from None
+        header = read_safetensors_header(path)
+        with open(path, "rb") as f:
+            start = 8 + struct.unpack("<Q", f.read(8))[0]
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        for key, info in sorted(header.items(), key=lambda item: item[1]["data_offsets"]):
+            begin, end = (start + o for o in info["data_offsets"])
+            dtype = _TORCH_DTYPES[info["dtype"]]
+            if end == begin:
+                t = torch.empty(info["shape"], dtype=dtype)
+            else:
+                t = torch.frombuffer(mm, dtype=dtype, count=(end - begin) // _DTYPE_SIZES[info["dtype"]],
+                                     offset=begin).view(info["shape"])
+            yield key, t, path
+            del t
+            lo, hi = -(-begin // page) * page, end // page * page  # whole pages inside the tensor
+            if hi > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
 def expected_shapes(model: torch.nn.Module) -> dict[str, torch.Size]:

@@ -142,6 +142,7 @@ def _dynamic_lut() -> torch.Tensor:
 
 
 _DYNAMIC_LUT = _dynamic_lut()  # (65536,) uint8
+_CHUNK_ELEMENTS = 2**22  # elements quantized per step (a multiple of every blocksize)
 
 
 def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, quant_type: str = "nf4") -> NF4Tensor:
@@ -161,11 +162,19 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, qu
     code = codebook(quant_type)
     if w.dtype not in FLOAT_DTYPES:
         raise ValueError(f"quantize expects a float32/float16/bfloat16 tensor, got {w.dtype}")
-    flat = w.detach().reshape(-1).float()
-    absmax, scaled = _block_absmax_and_scaled(flat, blocksize)
-    codes = _nearest_4bit(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), code)  # pad odd sizes with 0.0
+    flat = w.detach().reshape(-1)
+    # Whole blocks, ~4M elements at a time, so the float32 temporaries stay small (16 MB
+    # each) however large the weight: quantizing while loading a 7B model must not spike.
+    chunk = blocksize * max(1, _CHUNK_ELEMENTS // blocksize)
+    absmax_parts, data_parts = [], []
+    for start in range(0, flat.numel(), chunk):
+        absmax, scaled = _block_absmax_and_scaled(flat[start:start + chunk].float(), blocksize)
+        codes = _nearest_4bit(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), code)  # odd: pad 0.0
+        absmax_parts.append(absmax)
+        data_parts.append(_pack_nibbles(codes))
+    absmax = torch.cat(absmax_parts)
     q = NF4Tensor(
-        data=_pack_nibbles(codes), absmax=absmax, nested_absmax=None, nested_code=None, offset=0.0,
+        data=torch.cat(data_parts), absmax=absmax, nested_absmax=None, nested_code=None, offset=0.0,
         code=code.to(w.device), shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
     )
     if double_quant:

@@ -84,6 +84,16 @@ def test_other_blocksizes_and_padding(blocksize):
     assert torch.equal(q.dequantize(), bnb_functional.dequantize_4bit(packed, state))
 
 
+def test_chunked_quantization_is_byte_identical(monkeypatch):
+    """Large weights are quantized a few blocks at a time; the bytes must not change."""
+    monkeypatch.setattr(nf4, "_CHUNK_ELEMENTS", 256)
+    w = torch.randn(37, 333)  # 48 chunks of 256, the last one odd with a partial block
+    packed, state = bnb_quantize(w, 64, True, "nf4")
+    q = nf4.quantize(w, blocksize=64)
+    assert torch.equal(q.data, packed.view(-1))
+    assert torch.equal(q.dequantize(), bnb_functional.dequantize_4bit(packed, state))
+
+
 def test_high_nibble_holds_the_first_element():
     w = torch.tensor([1.0, -1.0, 0.0])  # codes 15, 0, 7 (+ a 0.0 pad -> 7)
     q = nf4.quantize(w, blocksize=64, double_quant=False)
