@@ -24,7 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from loralite import lora
+from loralite import lora, targeting
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -56,7 +56,7 @@ def adapter_state_dict(model: nn.Module, name: str = "default") -> dict[str, tor
         bias = getattr(layer.base_layer, "bias", None)
         if configs[name].bias == "lora_only" and bias is not None:
             out[f"{key}.base_layer.bias"] = bias
-    for key, wrapper in lora._modules_to_save(model):
+    for key, wrapper in targeting.modules_to_save_wrappers(model):
         if name in wrapper.modules_to_save:
             out.update({f"{key}.{k}": v for k, v in wrapper.modules_to_save[name].state_dict().items()})
     if configs[name].bias == "all":
