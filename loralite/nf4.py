@@ -48,20 +48,32 @@ def _normal_map(offset: float = 0.9677083) -> torch.Tensor:
     return values / values.max()
 
 
-def _dynamic_map(max_exponent_bits: int = 7) -> torch.Tensor:
-    """The signed 8-bit dynamic map (Dettmers, 2015, https://arxiv.org/abs/1511.04561).
+def dynamic_map(signed: bool = True) -> torch.Tensor:
+    """The 256-entry 8-bit dynamic map (Dettmers, 2015, https://arxiv.org/abs/1511.04561), sorted.
 
-    Exponent i in 0..6 selects the decade 10^(i-6); within it 2^i linear fractions (the
-    midpoints of an even split of [0.1, 1]) get the bits the exponent leaves free. Both
-    signs, plus 0 and 1: 2 * 127 + 2 = 256 sorted float32 values.
+    Double quantization uses the signed map for the block scales; ``AdamW8bit`` uses both.
+
+    For exponent e = 0..6 the decade [10^(e-6), 10^(e-5)) gets the midpoints of an even
+    split of [0.1, 1] scaled by 10^(e-6): 2^e values per sign when signed, 2^(e+1) when
+    unsigned. Adding 0 and 1 completes 2 * 127 + 2 = 254 + 2 = 256 entries.
+
+    Args:
+        signed: the map for signed values (first moment) or for non-negative values
+            (second moment).
+
+    Returns:
+        (256,) float32, ascending; equal to ``bitsandbytes.functional.create_dynamic_map``.
     """
     values = [0.0, 1.0]
-    for i in range(max_exponent_bits):
-        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0  # (2^i,) fraction midpoints
-        values += (10 ** (i - (max_exponent_bits - 1)) * means).tolist()
-        values += (-(10 ** (i - (max_exponent_bits - 1))) * means).tolist()
-    return torch.tensor(values, dtype=torch.float32).sort().values
+    for exponent in range(7):
+        count = 2**exponent if signed else 2 ** (exponent + 1)
+        edges = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float32)
+        means = (edges[:-1] + edges[1:]) / 2.0  # (count,) in [0.1, 1]
+        decade = (10 ** (exponent - 6)) * means
+        values += decade.tolist()
+        if signed:
+            values += (-decade).tolist()
+    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 # bitsandbytes' FP4 (1 sign, 2 exponent, 1 mantissa bit), indexed by nibble, divided by
@@ -70,7 +82,7 @@ _FP4_VALUES = [0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, -0.0, -0.0625, -8.0, -1
 
 NF4_CODE = _normal_map()  # (16,) float32, sorted: nibble i -> value
 FP4_CODE = torch.tensor(_FP4_VALUES, dtype=torch.float32) / 12.0  # (16,) nibble i -> value
-DYNAMIC_CODE = _dynamic_map()  # (256,) float32, sorted: byte i -> value
+DYNAMIC_CODE = dynamic_map(signed=True)  # (256,) float32, sorted: byte i -> value
 
 
 def codebook(quant_type: str) -> torch.Tensor:

@@ -26,6 +26,8 @@ import sys
 
 import torch
 
+from loralite.nf4 import dynamic_map
+
 # Elements per update chunk. A chunk's temporaries peak at 17 bytes per element (m and v in
 # fp32, the lookup key and threshold): 68 MiB whatever the tensor size, so 8-bit states also
 # keep the *peak* memory low. Each chunk costs ~30 torch ops, and on busy cores every parallel
@@ -34,32 +36,6 @@ import torch
 _CHUNK_ELEMENTS = 1 << 22
 # Which uint16 of a float32's two holds its top 16 bits (sign, exponent, 7 mantissa bits).
 _HIGH_HALF = 1 if sys.byteorder == "little" else 0
-
-
-def dynamic_map(signed: bool) -> torch.Tensor:
-    """The 256-entry dynamic quantization map of bitsandbytes, sorted, float32.
-
-    For exponent e = 0..6 the decade [10^(e-6), 10^(e-5)) gets the midpoints of an even
-    split of [0.1, 1] scaled by 10^(e-6): 2^e values per sign when signed, 2^(e+1) when
-    unsigned. Adding 0 and 1 completes 2 * 127 + 2 = 254 + 2 = 256 entries.
-
-    Args:
-        signed: the map for signed values (first moment) or for non-negative values
-            (second moment).
-
-    Returns:
-        (256,) float32, ascending; equal to ``bitsandbytes.functional.create_dynamic_map``.
-    """
-    values = [0.0, 1.0]
-    for exponent in range(7):
-        count = 2**exponent if signed else 2 ** (exponent + 1)
-        edges = torch.linspace(0.1, 1.0, count + 1, dtype=torch.float32)
-        means = (edges[:-1] + edges[1:]) / 2.0  # (count,) in [0.1, 1]
-        decade = (10 ** (exponent - 6)) * means
-        values += decade.tolist()
-        if signed:
-            values += (-decade).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
 
 
 class NearestCode:
