@@ -1,9 +1,15 @@
 """Shared fixtures: tiny random Llama checkpoints built with transformers (the reference)."""
 
 import copy
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on CPU tensors. It must be on before the
+    # first `import loralite.kernels` decorates them, whichever test module imports it first.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def hf_llama(**overrides):
