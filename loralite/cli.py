@@ -2,6 +2,9 @@
 
     loralite generate --model smollm2-135m --prompt "What is LoRA?"
     loralite convert model.gguf out_dir/
+    loralite train --model smollm2-135m --data examples/persona.jsonl --qlora --max-steps 60 --output-dir out
+    loralite merge --model smollm2-135m --adapter out/adapter --out merged/
+    loralite estimate --model llama-2-7b --qlora --seq-len 512
 """
 
 from __future__ import annotations
@@ -39,6 +42,93 @@ def cmd_convert(args):
     print(f"wrote {args.out_dir} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
+# TrainConfig fields that have their own command-line flag (flag name: field name)
+TRAIN_FLAGS = {"max_steps": int, "num_train_epochs": float, "per_device_train_batch_size": int,
+               "gradient_accumulation_steps": int, "learning_rate": float, "lr_scheduler_type": str,
+               "warmup_steps": int, "max_seq_length": int, "save_steps": int, "logging_steps": int, "seed": int,
+               "optim": str}
+
+
+def cmd_train(args):
+    """Load (and quantize), add LoRA, train, and write ``output_dir/adapter``; under torchrun, one rank each."""
+    import json
+    import os
+    from pathlib import Path
+
+    import loralite as ll
+    from loralite.train import TrainConfig, train
+
+    options = {}
+    if args.config:
+        try:
+            options = json.loads(Path(args.config).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--config {args.config}: not valid JSON ({e})") from None
+    options.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
+    options.update({k: True for k in ("bf16", "gradient_checkpointing", "packing") if getattr(args, k)})
+    options["output_dir"] = args.output_dir
+    if args.resume:
+        options["resume_from_checkpoint"] = True
+    config = TrainConfig.from_dict(options, source=args.config or "command line")
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    device = "cpu"
+    if distributed:
+        cuda = torch.cuda.is_available()
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        if cuda:
+            device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            torch.cuda.set_device(device)
+    try:
+        model = ll.load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+        tok = ll.load_tokenizer(args.model)
+        if args.qlora:
+            ll.quantize_model(model, ll.NF4Config(compute_dtype=torch.bfloat16 if config.bf16 else torch.float32))
+        torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
+        targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
+        ll.add_lora(model, ll.LoraConfig(r=args.r, alpha=args.alpha if args.alpha else 2 * args.r,
+                                         dropout=args.dropout, target_modules=targets))
+        history = train(model, tok, args.data, config)
+        if not distributed or torch.distributed.get_rank() == 0:
+            path = ll.save_adapter(model, os.path.join(args.output_dir, "adapter"),
+                                   base_model_name_or_path=str(args.model))
+            print(f"final loss {history[-1]['loss']:.4f} after {len(history)} steps; adapter written to {path}")
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
+def cmd_merge(args):
+    import loralite as ll
+
+    model = ll.load_model(args.model, dtype=DTYPES[args.dtype])
+    tok = ll.load_tokenizer(args.model)
+    ll.load_adapter(model, args.adapter)
+    ll.save_model(ll.merge_and_unload(model), args.out, tokenizer=tok)
+    print(f"wrote {args.out}: {args.model} with {args.adapter} merged in")
+
+
+def cmd_estimate(args):
+    import json
+
+    import loralite as ll
+    from loralite.configs import load_config
+    from loralite.memory import estimate_memory
+
+    targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
+    lora = ll.LoraConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, target_modules=targets)
+    est = estimate_memory(load_config(args.model), lora=lora, quant=ll.NF4Config() if args.qlora else None,
+                          batch_size=args.batch_size, seq_len=args.seq_len,
+                          gradient_checkpointing=args.gradient_checkpointing, optim=args.optim,
+                          dtype=DTYPES[args.dtype], device=args.device)
+    if args.json:
+        print(json.dumps(est.to_dict(), indent=2))
+        return
+    print(f"{args.model}: {'QLoRA (NF4)' if args.qlora else 'LoRA'} r={args.r} on {' '.join(args.target_modules)}, "
+          f"batch {args.batch_size} x {args.seq_len} tokens, {args.optim}"
+          f"{', gradient checkpointing' if args.gradient_checkpointing else ''}")
+    print(est.table())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="loralite", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +151,49 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir")
     c.add_argument("--dtype", choices=DTYPES, default="float32")
     c.set_defaults(func=cmd_convert)
+
+    t = sub.add_parser("train", help="fine-tune a LoRA (or QLoRA) adapter; works under torchrun")
+    t.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or 'smollm2-135m'")
+    t.add_argument("--data", required=True, help="a .jsonl/.json file of messages, prompt/completion or text rows")
+    t.add_argument("--output-dir", required=True, help="checkpoints, metrics and the final adapter/ go here")
+    t.add_argument("--config", help="a JSON file of TrainConfig options (the flags below override it)")
+    t.add_argument("--qlora", action="store_true", help="quantize the frozen base to NF4 first")
+    t.add_argument("--r", "--lora-r", type=int, default=16, dest="r",
+                   help="LoRA rank (spell it --lora-r under torchrun, whose parser takes --r for its own options)")
+    t.add_argument("--alpha", type=float, help="LoRA alpha (default 2 * r)")
+    t.add_argument("--dropout", type=float, default=0.0, help="LoRA dropout")
+    t.add_argument("--target-modules", nargs="+", default=["q_proj", "k_proj", "v_proj", "o_proj"],
+                   help="linears to adapt, by name, or all-linear")
+    for name, kind in TRAIN_FLAGS.items():
+        t.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
+    t.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    t.add_argument("--gradient-checkpointing", action="store_true")
+    t.add_argument("--packing", action="store_true")
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
+    t.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the loaded weights")
+    t.set_defaults(func=cmd_train)
+
+    m = sub.add_parser("merge", help="fold an adapter into its base and write an HF checkpoint folder")
+    m.add_argument("--model", default="smollm2-135m", help="the base the adapter was trained on")
+    m.add_argument("--adapter", required=True, help="a PEFT-layout adapter folder")
+    m.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer)")
+    m.add_argument("--dtype", choices=DTYPES, default="float32")
+    m.set_defaults(func=cmd_merge)
+
+    e = sub.add_parser("estimate", help="memory of a LoRA/QLoRA training step, by part")
+    e.add_argument("--model", required=True, help="a named config (llama-2-7b, ...), an HF folder or a .gguf file")
+    e.add_argument("--qlora", action="store_true", help="frozen linears in NF4 with double quantization")
+    e.add_argument("--r", type=int, default=16, help="LoRA rank (alpha = 2 r)")
+    e.add_argument("--target-modules", nargs="+", default=["all-linear"], help="module names, or all-linear")
+    e.add_argument("--dropout", type=float, default=0.0)
+    e.add_argument("--batch-size", type=int, default=1)
+    e.add_argument("--seq-len", type=int, default=512)
+    e.add_argument("--gradient-checkpointing", action="store_true")
+    e.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw")
+    e.add_argument("--dtype", choices=DTYPES, default="bfloat16")
+    e.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the step would run")
+    e.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    e.set_defaults(func=cmd_estimate)
     return parser
 
 
