@@ -2,8 +2,10 @@
 
     python examples/compare.py --adapter runs/persona/adapter --prompts examples/persona_eval.jsonl
 
-The base is quantized to NF4 as in training (QLoRA), the adapter loaded on top; the base
-answers come from the same model with the adapter switched off (``disable_adapters``).
+The base answers come from the model as shipped. The fine-tuned model is the NF4 base the
+adapter was trained on (QLoRA) with the adapter merged in (``merge_and_unload``: dequantize,
+add ``s · B A``), so generation runs on dense weights instead of dequantizing every layer
+at every token.
 """
 
 import argparse
@@ -22,14 +24,12 @@ def main():
     parser.add_argument("--max-new-tokens", type=int, default=40)
     args = parser.parse_args()
 
-    model = ll.load_model(args.model)
     tok = ll.load_tokenizer(args.model)
-    ll.quantize_model(model, ll.NF4Config(compute_dtype=torch.float32))
-    ll.load_adapter(model, args.adapter)
     conversations = [json.loads(line)["messages"] for line in open(args.prompts) if line.strip()]
-    with ll.disable_adapters(model):
-        base = ll.generate(model, tok, conversations, max_new_tokens=args.max_new_tokens)
-    tuned = ll.generate(model, tok, conversations, max_new_tokens=args.max_new_tokens)
+    base = ll.generate(ll.load_model(args.model), tok, conversations, max_new_tokens=args.max_new_tokens)
+    qlora = ll.load_model(args.model, quantize=ll.NF4Config(compute_dtype=torch.float32))
+    tuned_model = ll.merge_and_unload(ll.load_adapter(qlora, args.adapter))
+    tuned = ll.generate(tuned_model, tok, conversations, max_new_tokens=args.max_new_tokens)
     for messages, before, after in zip(conversations, base, tuned):
         print(f"\n>>> {messages[-1]['content']}")
         print(f"  base:       {before.strip()}")

@@ -28,11 +28,13 @@ from loralite.lora import (
 from loralite.optim import AdamW8bit
 from loralite.quantize import Linear4bit, NF4Config, quantize_model
 from loralite.tokenizer import load_tokenizer
+from loralite.train import NonFiniteLossError, TrainConfig, train
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdamW8bit", "Linear4bit", "Llama", "LlamaConfig", "LoraConfig", "LoraLinear", "NF4Config",
+    "NonFiniteLossError", "TrainConfig", "train",
     "add_lora", "add_weighted_adapter", "delete_adapter", "disable_adapters", "generate",
     "load_adapter", "load_model", "load_tokenizer", "merge", "merge_and_unload",
     "print_trainable_parameters", "quantize_model", "save_adapter", "save_model", "set_adapter",
