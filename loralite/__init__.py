@@ -8,9 +8,11 @@
 """
 
 from loralite.adapters import load_adapter, save_adapter
+from loralite.configs import load_config
 from loralite.generate import generate
 from loralite.llama import Llama, LlamaConfig
 from loralite.loading import load_model, save_model
+from loralite.memory import MemoryEstimate, estimate_memory
 from loralite.lora import (
     LoraConfig,
     LoraLinear,
@@ -34,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdamW8bit", "Linear4bit", "Llama", "LlamaConfig", "LoraConfig", "LoraLinear", "NF4Config",
-    "NonFiniteLossError", "TrainConfig", "train",
+    "MemoryEstimate", "NonFiniteLossError", "TrainConfig", "estimate_memory", "load_config", "train",
     "add_lora", "add_weighted_adapter", "delete_adapter", "disable_adapters", "generate",
     "load_adapter", "load_model", "load_tokenizer", "merge", "merge_and_unload",
     "print_trainable_parameters", "quantize_model", "save_adapter", "save_model", "set_adapter",
