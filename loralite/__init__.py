@@ -12,7 +12,6 @@ from loralite.configs import load_config
 from loralite.generate import generate
 from loralite.llama import Llama, LlamaConfig
 from loralite.loading import load_model, save_model
-from loralite.memory import MemoryEstimate, estimate_memory
 from loralite.lora import (
     LoraConfig,
     LoraLinear,
@@ -27,6 +26,7 @@ from loralite.lora import (
     trainable_parameters,
     unmerge,
 )
+from loralite.memory import MemoryEstimate, estimate_memory
 from loralite.optim import AdamW8bit
 from loralite.quantize import Linear4bit, NF4Config, quantize_model
 from loralite.tokenizer import load_tokenizer
