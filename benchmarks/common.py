@@ -27,6 +27,16 @@ def machine_info() -> dict:
     return info
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (Linux ``VmHWM``).
+
+    Not ``ru_maxrss``: Linux carries a parent's peak over fork + exec into the child's.
+    """
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()

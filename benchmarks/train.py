@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import time_alternating, write_results  # noqa: E402
+from common import peak_rss_bytes, time_alternating, write_results  # noqa: E402
 
 import loralite as ll  # noqa: E402
 from loralite.train import token_loss_sum  # noqa: E402
@@ -107,7 +106,7 @@ def flops_per_step(model, batch_size: int, seq: int) -> float:
     return per_token * batch_size * seq
 
 
-def matmul_rate(dtype, n: int = 2048, repeats: int = 5) -> float:
+def matmul_rate(dtype, n: int = 1024, repeats: int = 3) -> float:
     """FLOP/s of an n x n x n matmul in ``dtype`` (best of ``repeats``)."""
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
     a @ b
@@ -141,7 +140,7 @@ def memory_child(args) -> None:
     step = step_fn(model, make_batch(args.batch_size, args.seq), args.memory_of, dtype == torch.bfloat16)
     step()
     step()
-    print(json.dumps({"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+    print(json.dumps({"peak_rss_mib": peak_rss_bytes() / 2**20}))
 
 
 def main():
