@@ -42,6 +42,18 @@ def cmd_convert(args):
     print(f"wrote {args.out_dir} ({sum(p.numel() for p in model.parameters()):,} parameters)")
 
 
+def cmd_quantize(args):
+    import loralite as ll
+
+    config = ll.NF4Config(quant_type=args.quant_type, double_quant=not args.no_double_quant,
+                          compute_dtype=DTYPES[args.compute_dtype])
+    model = ll.load_model(args.source, dtype=DTYPES[args.dtype], quantize=config)
+    tok = ll.load_tokenizer(args.source)
+    ll.save_model(model, args.out_dir, tokenizer=tok)
+    print(f"wrote {args.out_dir} (bitsandbytes 4-bit layout, {args.quant_type}, "
+          f"double quantization {'off' if args.no_double_quant else 'on'})")
+
+
 # TrainConfig fields that have their own command-line flag (flag name: field name)
 TRAIN_FLAGS = {"max_steps": int, "num_train_epochs": float, "per_device_train_batch_size": int,
                "gradient_accumulation_steps": int, "learning_rate": float, "lr_scheduler_type": str,
@@ -151,6 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("out_dir")
     c.add_argument("--dtype", choices=DTYPES, default="float32")
     c.set_defaults(func=cmd_convert)
+
+    q = sub.add_parser("quantize", help="write a model as a bitsandbytes 4-bit HF folder (NF4/FP4)")
+    q.add_argument("source", help="an HF folder, a .gguf file or 'smollm2-135m'")
+    q.add_argument("out_dir")
+    q.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
+    q.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32")
+    q.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16")
+    q.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the unquantized weights")
+    q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("train", help="fine-tune a LoRA (or QLoRA) adapter; works under torchrun")
     t.add_argument("--model", default="smollm2-135m", help="HF folder, .gguf file or 'smollm2-135m'")

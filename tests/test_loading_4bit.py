@@ -81,3 +81,22 @@ def test_bad_quantization_config_names_the_file(dense, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match="config.json.*not bitsandbytes 4-bit"):
         load_model(tmp_path)
+
+
+def test_quantize_command_writes_a_folder_transformers_loads(tmp_path):
+    from loralite.cli import main
+
+    hf = hf_llama()
+    hf.save_pretrained(tmp_path / "dense")
+    (tmp_path / "dense" / "tokenizer.json").write_text(_tiny_tokenizer_json())
+    assert main(["quantize", str(tmp_path / "dense"), str(tmp_path / "q"), "--dtype", "float32",
+                 "--compute-dtype", "float32"]) == 0
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(back(IDS).logits, load_model(tmp_path / "q")(IDS), atol=1e-5, rtol=0)
+
+
+def _tiny_tokenizer_json() -> str:
+    from tokenizers import Tokenizer, models
+
+    return Tokenizer(models.WordLevel({f"t{i}": i for i in range(128)}, unk_token="t0")).to_str()
