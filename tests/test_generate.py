@@ -82,3 +82,22 @@ def test_bad_prompt_is_a_value_error(tiny, default_tokenizer):
     _, model = tiny
     with pytest.raises(ValueError, match="prompt must be"):
         generate(model, default_tokenizer, [])
+
+
+@pytest.mark.slow
+def test_converted_default_model_loads_in_transformers(tmp_path, default_model, default_tokenizer):
+    """`loralite convert` of the GGUF: an HF folder transformers reads with the same logits and ids."""
+    import transformers
+
+    from loralite.cli import main
+
+    assert main(["convert", "smollm2-135m", str(tmp_path)]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    text = default_tokenizer.apply_chat_template(CHAT)
+    ids = default_tokenizer.encode(text)
+    assert hf_tok(text, add_special_tokens=False)["input_ids"] == ids
+    assert hf_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=False) == text
+    with torch.no_grad():
+        torch.testing.assert_close(hf(torch.tensor([ids])).logits, default_model(torch.tensor([ids])),
+                                   atol=2e-4, rtol=0)
