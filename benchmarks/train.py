@@ -100,7 +100,7 @@ def flops_per_step(model, batch_size: int, seq: int) -> float:
     """The LoRA step FLOP count of the module docstring."""
     c = model.config
     n_frozen = sum(m.in_features * m.out_features for m in model.modules()
-                   if isinstance(m, (torch.nn.Linear, ll.Linear4bit)) and not m.weight.requires_grad)
+                   if isinstance(m, ll.Linear4bit) or (isinstance(m, torch.nn.Linear) and not m.weight.requires_grad))
     n_lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     per_token = 4 * n_frozen + 6 * n_lora + 12 * c.num_hidden_layers * seq * c.num_attention_heads * c.head_dim
     return per_token * batch_size * seq
