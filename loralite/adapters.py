@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from loralite import lora, targeting
+from loralite.files import atomic_write, atomic_write_text
 
 __all__ = ["save_adapter", "load_adapter"]
 
@@ -95,22 +95,10 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, name: str = "de
         targets = [k for k, layer in lora.lora_layers(model) if name in layer.lora_A]
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
+    atomic_write(directory / WEIGHTS_NAME, lambda path: save_file(tensors, path, metadata={"format": "pt"}))
     text = json.dumps(peft_config_dict(config, targets, base_model_name_or_path), indent=2, sort_keys=True)
-    _atomic_write(directory / CONFIG_NAME, lambda path: Path(path).write_text(text + "\n"))
+    atomic_write_text(directory / CONFIG_NAME, text + "\n")
     return directory
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)`` to a temporary file beside ``path``, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_config(directory: Path) -> lora.LoraConfig:

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import mmap
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import save as safetensors_bytes
 
 from loralite import gguf, nf4
+from loralite.files import atomic_write_bytes, atomic_write_json
 from loralite.llama import Llama, LlamaConfig
 from loralite.quantize import Linear4bit, NF4Config, quantize_model
 
@@ -254,25 +253,6 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu",
             raise ValueError(f"{path}: the checkpoint is already 4-bit; load it without quantize=")
         return load_bnb_4bit(model, tensors, stored, dtype, device, str(path)).eval()
     return assign_checked(model, tensors, dtype, device, str(path), quantize).eval()
-
-
-def atomic_write_bytes(path: Path, data: bytes):
-    """Write ``data`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path: Path, obj):
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
 def _shards(state: dict[str, torch.Tensor], max_shard_bytes: int) -> list[dict]:

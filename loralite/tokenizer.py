@@ -21,8 +21,6 @@ skipped by ``decode(skip_special_tokens=True)``) and user-defined ones (4; match
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
+from loralite.files import atomic_write_text
 from loralite.gguf import read_metadata, resolve_model_path
 
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -131,19 +130,8 @@ class Tokenizer:
         config.update({name: getattr(self, name) for name in _SPECIAL_NAMES if getattr(self, name) is not None})
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
-        _write_atomic(directory / "tokenizer.json", self.backend.to_str(pretty=True))
-        _write_atomic(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        atomic_write_text(directory / "tokenizer.json", self.backend.to_str(pretty=True))
+        atomic_write_text(directory / "tokenizer_config.json", json.dumps(config, indent=2, ensure_ascii=False))
 
 
 class _GenerationTag(jinja2.ext.Extension):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from torch import nn
 
 from loralite import checkpoint as ckpt
 from loralite import data as data_lib
-from loralite.loading import atomic_write_bytes
+from loralite.files import atomic_write, atomic_write_bytes
 from loralite.optim import AdamW8bit
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -223,10 +222,7 @@ def plot_loss(history: list[dict], path: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="loss (mean token cross-entropy)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
 def train(model: nn.Module, tokenizer, data, config: TrainConfig, eval_data=None) -> list[dict]:

@@ -6,7 +6,6 @@ bit for bit (CPU, fp32, dropout on, so the RNG states matter too).
 """
 
 import json
-import os
 import signal
 import subprocess
 import sys
