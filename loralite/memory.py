@@ -37,7 +37,7 @@ from torch.utils._pytree import tree_leaves
 
 from loralite import nf4
 from loralite.llama import Llama, LlamaConfig
-from loralite.lora import LoraConfig, LoraLinear, add_lora, lora_layers, trainable_parameters
+from loralite.lora import LoraConfig, LoraLinear, add_lora, trainable_parameters
 from loralite import optim as _optim
 from loralite.optim import AdamW8bit
 from loralite.quantize import Linear4bit, NF4Config, _skipped
