@@ -27,7 +27,7 @@ import bitsandbytes.functional as bnb_functional
 import torch
 from torch import nn
 
-from loralite import nf4
+from loralite import nf4, ops
 from loralite.quantize import Linear4bit, NF4Config
 
 FULL = dict(shapes=[(4096, 4096), (11008, 4096)], linear_shape=(4096, 4096), tokens=[1, 16, 512, 2048])
@@ -57,8 +57,11 @@ def bench_quantize(shape, repeats: int) -> list[dict]:
         ("quantize", {"loralite": lambda: nf4.quantize(w),
                       "bitsandbytes": lambda: bnb_functional.quantize_4bit(w, blocksize=64, compress_statistics=True,
                                                                            quant_type="nf4")}),
-        ("dequantize", {"loralite": lambda: q.dequantize(),
-                        "bitsandbytes": lambda: bnb_functional.dequantize_4bit(packed, state)}),
+        ("dequantize, reference", {"loralite": lambda: q.dequantize(),
+                                   "bitsandbytes": lambda: bnb_functional.dequantize_4bit(packed, state)}),
+        # what Linear4bit runs: loralite.ops picks the C++ operator when loralite._C is built
+        ("dequantize, ops dispatch", {"loralite": lambda: ops.dequantize(q),
+                                      "bitsandbytes": lambda: bnb_functional.dequantize_4bit(packed, state)}),
     ]:
         ms = best_ms(fns, repeats)
         rows.append(dict(op=op, shape=list(shape), loralite_ms=ms["loralite"], bitsandbytes_ms=ms["bitsandbytes"],
