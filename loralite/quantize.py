@@ -207,6 +207,10 @@ def quantize_model(model: nn.Module, config: NF4Config = NF4Config()) -> nn.Modu
     """
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model replaces linears inside a model; for a bare nn.Linear use Linear4bit.from_linear")
+    for name, module in model.named_modules():
+        if hasattr(module, "adapter_parameters"):  # a LoraLinear: its lora_A/lora_B are linears too
+            raise ValueError(f"quantize_model: {name!r} already carries LoRA adapters, whose own linears would "
+                             "be quantized; quantize the base first, then add_lora (QLoRA's order)")
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and not _skipped(name, config.skip_modules):
             parent_name, _, child = name.rpartition(".")

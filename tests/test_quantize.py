@@ -197,3 +197,12 @@ def test_config_validation_and_hf_quantization_config():
     assert NF4Config.from_hf_quantization_config(theirs) == NF4Config()
     with pytest.raises(ValueError, match="load_in_4bit"):
         NF4Config.from_hf_quantization_config({"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+def test_quantize_model_refuses_a_model_with_lora():
+    import loralite as ll
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64))
+    ll.add_lora(model, ll.LoraConfig(r=4, alpha=8, target_modules=["0"]))
+    with pytest.raises(ValueError, match="'0' already carries LoRA adapters"):
+        ll.quantize_model(model, ll.NF4Config())
