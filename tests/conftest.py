@@ -50,7 +50,18 @@ def default_tokenizer():
 
 
 @pytest.fixture(scope="session")
-def hf_default():
+def hf_default_tokenizer():
+    """transformers' tokenizer built from the default GGUF vocabulary (shared: it takes ~25 s)."""
+    import transformers
+
+    from loralite.gguf import resolve_model_path
+
+    path = resolve_model_path("smollm2-135m")
+    return transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.fixture(scope="session")
+def hf_default(hf_default_tokenizer):
     """transformers' own reading of the same GGUF file: (model, tokenizer), the reference."""
     import transformers
 
@@ -59,5 +70,5 @@ def hf_default():
     path = resolve_model_path("smollm2-135m")
     model = transformers.AutoModelForCausalLM.from_pretrained(
         path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = hf_default_tokenizer
     return model, tok

@@ -8,7 +8,6 @@ import regex
 from conftest import hf_llama
 from test_gguf import write_llama_gguf
 
-from loralite.gguf import resolve_model_path
 from loralite.tokenizer import load_tokenizer
 
 TEXTS = [
@@ -38,11 +37,8 @@ def ours():
 
 
 @pytest.fixture(scope="module")
-def reference():
-    from transformers import AutoTokenizer
-
-    path = resolve_model_path("smollm2-135m")
-    return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+def reference(hf_default_tokenizer):
+    return hf_default_tokenizer
 
 
 def test_special_tokens_of_default_model(ours):
