@@ -11,7 +11,10 @@ matmul; the fast paths compute the same numbers:
 
 ``LORALITE_KERNELS`` overrides the choice: ``reference`` forces the reference (for debugging);
 ``triton`` forces the Triton kernels, also on CPU tensors under ``TRITON_INTERPRET=1`` (for
-tests). These functions are not differentiable themselves: ``Linear4bit``'s autograd Function
+tests). On the ``cpp`` path the matmuls dequantize into a per-thread workspace that is kept
+between calls: a fresh tensor of that size would cost more in first-touch page faults than the
+decode itself. It holds one dense weight, the largest seen, in each compute dtype. These
+functions are not differentiable themselves: ``Linear4bit``'s autograd Function
 calls ``nf4_matmul`` forward and ``nf4_matmul_t`` for the input gradient.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 
 import torch
 
@@ -95,6 +99,21 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor
     return dense if out is None else out.copy_(dense)
 
 
+_workspaces = threading.local()  # .buffers: {dtype: flat CPU tensor}, per thread
+
+
+def _dense_for_matmul(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q`` dequantized for one matmul. On the ``cpp`` path it lands in the calling thread's
+    workspace (grown to the largest weight seen), valid only until the next call."""
+    if _path(q.data) != "cpp" or torch.compiler.is_compiling():
+        return dequantize(q, dtype)
+    buffers = _workspaces.__dict__.setdefault("buffers", {})
+    buffer = buffers.get(dtype)
+    if buffer is None or buffer.numel() < q.numel:
+        buffers[dtype] = buffer = torch.empty(q.numel, dtype=dtype)
+    return dequantize(q, dtype, out=buffer[:q.numel].view(q.shape))
+
+
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``x @ W.T`` for the NF4 weight ``W`` of shape (out, in); x: (..., in) -> (..., out)."""
     if _uses_gemv(x, q):
@@ -105,7 +124,7 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     if _path(x) == "triton":
         from loralite import kernels
         return kernels.nf4_matmul(x, q)
-    return x @ dequantize(q, x.dtype).T
+    return x @ _dense_for_matmul(q, x.dtype).T
 
 
 def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
@@ -113,4 +132,4 @@ def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     if _path(g) == "triton":
         from loralite import kernels
         return kernels.nf4_matmul_t(g, q)
-    return g @ dequantize(q, g.dtype)
+    return g @ _dense_for_matmul(q, g.dtype)

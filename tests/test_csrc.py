@@ -76,6 +76,29 @@ def test_cpu_dequantize_equals_reference_bitwise(dequantize_op, blocksize, shape
         assert torch.equal(_run(dequantize_op, q, dtype), q.dequantize(dtype)), dtype
 
 
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+def test_cpu_dequantize_large_outputs_stream_and_match(dequantize_op, blocksize):
+    """Outputs of 8 MiB and more take the non-temporal stores; still the reference, bit for bit."""
+    torch.manual_seed(blocksize)
+    w = torch.randn(1024, 2048 + 64) * 0.02  # float32 output 8.5 MiB; bf16 4.3 MiB (cached stores)
+    q = nf4.quantize(w, blocksize, double_quant=True)
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(_run(dequantize_op, q, dtype), q.dequantize(dtype)), dtype
+    misaligned = torch.empty(q.numel + 1)[1:]  # 4 bytes off: no streaming, same numbers
+    torch.ops.loralite.nf4_dequantize.out(q.data, q.absmax, q.nested_absmax, q.nested_code, q.offset, q.code,
+                                          q.blocksize, q.numel, torch.float32, out=misaligned)
+    assert torch.equal(misaligned.view(q.shape), q.dequantize(torch.float32))
+
+
+def test_cpu_dequantize_non_finite_scales_match_the_reference(dequantize_op):
+    """Blocks whose scale is inf or NaN (a corrupt file, an overflowed weight) decode like the reference."""
+    q = nf4.quantize(torch.randn(4, 256), 64, double_quant=False)
+    q.absmax[1], q.absmax[2] = float("inf"), float("nan")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        torch.testing.assert_close(_run(dequantize_op, q, dtype), q.dequantize(dtype), rtol=0, atol=0,
+                                   equal_nan=True)
+
+
 def test_cpu_dequantize_out_variant_writes_into_the_buffer(dequantize_op):
     q = nf4.quantize(torch.randn(40, 72), 64)
     out = torch.full((40 * 72,), float("nan"), dtype=torch.bfloat16)

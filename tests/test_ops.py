@@ -64,3 +64,19 @@ def test_linear4bit_uses_the_dispatch(q, monkeypatch):
     for y, grad in outputs:
         torch.testing.assert_close(y, x.detach() @ w.T, rtol=0, atol=0)
         torch.testing.assert_close(grad, torch.ones(5, 48) @ w, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not ops.HAS_EXTENSION, reason="the workspace belongs to the C++ path (loralite._C not built)")
+def test_cpp_matmuls_reuse_one_workspace_per_dtype(monkeypatch):
+    """The matmuls decode into a kept buffer, grown for a larger weight, and still give the reference."""
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    torch.manual_seed(1)
+    small, large = (nf4.quantize(torch.randn(n, 64), 64) for n in (32, 96))
+    x, g = torch.randn(4, 64), torch.randn(4, 96)
+    results = [(ops.nf4_matmul(x, w), w) for w in (small, large, small)]
+    buffer = ops._workspaces.buffers[torch.float32]
+    assert buffer.numel() == 96 * 64
+    assert torch.equal(ops.nf4_matmul_t(g, large), g @ large.dequantize(torch.float32))
+    assert ops._workspaces.buffers[torch.float32] is buffer  # reused, not reallocated
+    for y, w in results:  # a later call never changes an earlier result
+        assert torch.equal(y, x @ w.dequantize(torch.float32).T)
