@@ -19,6 +19,7 @@ Measured:
     python benchmarks/memory.py            # CPU: SmolLM2-135M, Llama-3.2-1B, a Llama-2-7B shape
     python benchmarks/memory.py --quick    # SmolLM2-135M only
     python benchmarks/memory.py --model llama-2-7b   # one model's cases, merged into the JSON
+    python benchmarks/memory.py --dtype float32      # only the float32 cases, merged likewise
     python benchmarks/memory.py --device cuda   # 7B, 13B (and 70B) at several sequence lengths
 """
 
@@ -31,18 +32,19 @@ import subprocess
 import sys
 import time
 
-# (model, method, batch, seq_len, gradient checkpointing)
-CPU_CASES = [  # bf16 matmuls run at a few GFLOP/s on a 2-core CPU: short sequences
-    ("smollm2-135m", "qlora", 1, 256, False),
-    ("smollm2-135m", "lora", 1, 256, False),
-    ("smollm2-135m", "qlora", 2, 128, True),
-    ("llama-3.2-1b", "qlora", 1, 64, False),
-    ("llama-3.2-1b", "lora", 1, 64, False),
-    ("llama-2-7b", "qlora", 1, 16, False),
+# (model, method, batch, seq_len, gradient checkpointing, dtype of the model and its activations)
+CPU_CASES = [  # bf16 matmuls run at a few GFLOP/s on a CPU without bf16 units: larger models in float32
+    ("smollm2-135m", "qlora", 1, 256, False, "bfloat16"),
+    ("smollm2-135m", "lora", 1, 256, False, "bfloat16"),
+    ("smollm2-135m", "qlora", 2, 128, True, "bfloat16"),
+    ("llama-3.2-1b", "qlora", 1, 64, False, "bfloat16"),
+    ("llama-3.2-1b", "lora", 1, 128, False, "float32"),
+    ("llama-2-7b", "qlora", 1, 128, False, "float32"),
+    ("llama-2-7b", "qlora", 1, 256, True, "float32"),
 ]
 QUICK_CASES = CPU_CASES[:1]
-CUDA_CASES = [(m, "qlora", 1, t, ckpt) for m in ("llama-2-7b", "llama-2-13b") for t in (512, 2048)
-              for ckpt in (False, True)] + [("llama-2-70b", "qlora", 1, 512, True)]
+CUDA_CASES = [(m, "qlora", 1, t, ckpt, "bfloat16") for m in ("llama-2-7b", "llama-2-13b") for t in (512, 2048)
+              for ckpt in (False, True)] + [("llama-2-70b", "qlora", 1, 512, True, "bfloat16")]
 OPTIM = {"qlora": "adamw_8bit", "lora": "adamw"}  # QLoRA's paper setup; LoRA's usual one
 GIB = 2**30
 
@@ -54,8 +56,8 @@ def _rss(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def _build(name: str, method: str, device):
-    """A random-weight bf16 model: NF4 linears (cloned templates) for QLoRA, dense for LoRA; adapters on."""
+def _build(name: str, method: str, device, dtype):
+    """A random-weight model in ``dtype``: NF4 linears (cloned templates) for QLoRA, dense for LoRA; adapters on."""
     import dataclasses
 
     import torch
@@ -66,14 +68,14 @@ def _build(name: str, method: str, device):
 
     config = load_config(name)
     with torch.device("meta"):
-        model = ll.Llama(config).to(torch.bfloat16)
-    quant = ll.NF4Config() if method == "qlora" else None
+        model = ll.Llama(config).to(dtype)
+    quant = ll.NF4Config(compute_dtype=dtype) if method == "qlora" else None
     templates = {}
     for module_name, module in list(model.named_modules()):
         if isinstance(module, torch.nn.Linear) and quant is not None and module_name != "lm_head":
             shape = tuple(module.weight.shape)
             if shape not in templates:
-                templates[shape] = nf4.quantize(torch.randn(shape, device=device) * 0.02)
+                templates[shape] = nf4.quantize(torch.randn(shape, device=device, dtype=dtype) * 0.02)
             t = templates[shape]
             q = dataclasses.replace(t, data=t.data.clone(), absmax=t.absmax.clone(),
                                     nested_absmax=t.nested_absmax.clone())
@@ -113,9 +115,10 @@ def _warm_up(case: dict, device) -> None:
 
     config = ll.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                             num_attention_heads=4, num_key_value_heads=2)
-    model = ll.Llama(config).to(device=device, dtype=torch.bfloat16).requires_grad_(False)
+    dtype = getattr(torch, case["dtype"])
+    model = ll.Llama(config).to(device=device, dtype=dtype).requires_grad_(False)
     if case["method"] == "qlora":
-        ll.quantize_model(model, ll.NF4Config())
+        ll.quantize_model(model, ll.NF4Config(compute_dtype=dtype))
     ll.add_lora(model, ll.LoraConfig(r=16, target_modules="all-linear"))
     model.gradient_checkpointing = case["checkpointing"]
     params = [p for p in model.parameters() if p.requires_grad]
@@ -133,13 +136,16 @@ def child(case: dict) -> dict:
     import torch.nn.functional as F
 
     import loralite as ll
+    from loralite import ops
     from loralite.memory import TensorMemoryTracker, estimate_memory
 
     device, cuda = case["device"], case["device"] == "cuda"
     torch.manual_seed(0)
     _warm_up(case, device)  # touches the code pages and one-time buffers of every kernel the step uses
+    ops.release_workspaces()  # the step under measurement allocates its own matmul workspace
     baseline = _rss("VmRSS")
-    model, config, lora, quant = _build(case["model"], case["method"], device)
+    dtype = getattr(torch, case["dtype"])
+    model, config, lora, quant = _build(case["model"], case["method"], device, dtype)
     model.gradient_checkpointing = case["checkpointing"]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = ll.AdamW8bit(params) if case["optim"] == "adamw_8bit" else torch.optim.AdamW(params)
@@ -171,15 +177,15 @@ def child(case: dict) -> dict:
             step()
         seconds, allocated, resident = time.perf_counter() - start, static + tracker.peak, _rss("VmHWM") - baseline
     est = estimate_memory(config, lora, quant, case["batch"], case["seq_len"], case["checkpointing"],
-                          case["optim"], device="cuda" if cuda else "cpu")
+                          case["optim"], dtype=dtype, device="cuda" if cuda else "cpu")
     return {"estimate": est.to_dict(), "allocated": allocated, "resident": resident, "static": static,
             "seconds": seconds}
 
 
-def run_case(model, method, batch, seq_len, checkpointing, device) -> dict:
+def run_case(model, method, batch, seq_len, checkpointing, dtype, device) -> dict:
     """One case in a subprocess; returns a results row."""
     case = dict(model=model, method=method, batch=batch, seq_len=seq_len, checkpointing=checkpointing,
-                optim=OPTIM[method], device=device)
+                dtype=dtype, optim=OPTIM[method], device=device)
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], env=env,
                           capture_output=True, text=True)
@@ -187,8 +193,8 @@ def run_case(model, method, batch, seq_len, checkpointing, device) -> dict:
         raise RuntimeError(f"case {case} failed:\n{proc.stderr[-3000:]}")
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     est = out["estimate"]
-    row = {"model": model, "method": method, "optim": case["optim"], "batch": batch, "seq": seq_len,
-           "checkpointing": checkpointing, "trainable": est["trainable_parameters"],
+    row = {"model": model, "method": method, "dtype": dtype, "optim": case["optim"], "batch": batch,
+           "seq": seq_len, "checkpointing": checkpointing, "trainable": est["trainable_parameters"],
            "estimate_GiB": est["total"] / GIB, "allocated_GiB": out["allocated"] / GIB,
            "allocated/estimate": out["allocated"] / est["total"]}
     if out["resident"] is not None:
@@ -200,12 +206,23 @@ def run_case(model, method, batch, seq_len, checkpointing, device) -> dict:
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row[k] for k in ("model", "method", "batch", "seq", "checkpointing"))
+    return (*(row[k] for k in ("model", "method", "batch", "seq", "checkpointing")), row.get("dtype", "bfloat16"))
+
+
+def _with_dtype(row: dict, dtype: str) -> dict:
+    """``row`` with a "dtype" entry right after "method"."""
+    out = {}
+    for k, v in row.items():
+        out[k] = v
+        if k == "method":
+            out["dtype"] = dtype
+    return out
 
 
 def _merge(path, new_rows: list[dict]) -> list[dict]:
     """The rows already in ``path``, replaced or extended by ``new_rows`` (same case, same key)."""
     old = json.loads(path.read_text())["rows"] if path.is_file() else []
+    old = [r if "dtype" in r else _with_dtype(r, "bfloat16") for r in old]  # rows from before the dtype column
     fresh = {_key(r): r for r in new_rows}
     return [fresh.pop(_key(r), r) for r in old] + list(fresh.values())
 
@@ -215,6 +232,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="SmolLM2-135M cases only")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--model", help="run only this model's cases (the other rows of the JSON are kept)")
+    parser.add_argument("--dtype", choices=["bfloat16", "float32"], help="run only the cases in this dtype")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -224,10 +242,10 @@ def main(argv=None) -> None:
     from common import RESULTS, write_results
 
     cases = CUDA_CASES if args.device == "cuda" else QUICK_CASES if args.quick else CPU_CASES
-    cases = [c for c in cases if args.model in (None, c[0])]
+    cases = [c for c in cases if args.model in (None, c[0]) and args.dtype in (None, c[5])]
     name = "memory" if args.device == "cpu" else "memory_cuda"
     rows = _merge(RESULTS / f"{name}.json", [run_case(*case, args.device) for case in cases])
-    notes = ("LoRA r=16, alpha=32 on all linear layers (q, k, v, o, gate, up, down), bf16 model, random weights, "
+    notes = ("LoRA r=16, alpha=32 on all linear layers (q, k, v, o, gate, up, down), random weights in dtype, "
              "one steady training step. estimate = loralite.estimate_memory(...).total (the peak); allocated = "
              "weights + adapters + optimizer states + the peak of tensors allocated in the step; resident = "
              "peak RSS minus RSS after imports (CPU).")

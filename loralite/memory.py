@@ -255,7 +255,8 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
         gradient_checkpointing: keep only each layer's input, recompute one layer at a time.
         optim: "adamw" (torch.optim.AdamW) or "adamw_8bit" (loralite.AdamW8bit).
         dtype: dtype of the model and its activations.
-        device: "cuda" or "cpu"; dropout keeps a bool mask on CUDA, a ``dtype`` one on CPU.
+        device: "cuda" or "cpu"; dropout keeps a bool mask on CUDA, a ``dtype`` one on CPU; on CPU
+            the largest dequantized weight stays allocated between steps (the matmul workspace).
     """
     _check("optim", optim, OPTIMIZERS)
     _check("device", device, ("cuda", "cpu"))
@@ -279,6 +280,9 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     # Backward through a layer's down_proj: its dense weight, d(gate*up) from the base and the
     # adapter (N, I) each, and d(output) (N, D); the log-probs and final norm are released by then.
     layer_temp = _largest_dequantized(model) + 2 * N * I * e + N * D * e
+    # On CPU that dense weight lives in a workspace kept between matmuls (loralite.ops), so it is
+    # also there while the loss is computed and while the optimizer steps.
+    workspace = _largest_dequantized(model) if device == "cpu" else 0
     released = N * V * 4 + (N * D * 4 + N * 4 if live else 0)
     kept = tail - released  # RoPE tables and targets, until the end of the backward pass
     if gradient_checkpointing:
@@ -291,10 +295,10 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     own = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters() if p.requires_grad)
     last = kept + N * D * e + per_layer[0] + layer_temp + adapters - own
     layer_phase = max(first, last)
-    loss_phase = activations + 8 * N * V  # float32 d(log-probs) and d(logits)
+    loss_phase = activations + 8 * N * V + workspace  # float32 d(log-probs) and d(logits)
     temporary = max(loss_phase, layer_phase) - activations
     static = _weight_bytes(model) + adapters + states
-    total = static + max(activations + temporary, adapters + optim_temp)
+    total = static + max(activations + temporary, adapters + optim_temp + workspace)
     trainable, all_params = trainable_parameters(model)
     return MemoryEstimate(
         weights=_weight_bytes(model), adapters=adapters, gradients=adapters, optimizer_states=states,

@@ -114,6 +114,11 @@ def _dense_for_matmul(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(q, dtype, out=buffer[:q.numel].view(q.shape))
 
 
+def release_workspaces() -> None:
+    """Frees the calling thread's matmul workspaces (they come back, as needed, with the next matmul)."""
+    _workspaces.__dict__.pop("buffers", None)
+
+
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``x @ W.T`` for the NF4 weight ``W`` of shape (out, in); x: (..., in) -> (..., out)."""
     if _uses_gemv(x, q):
