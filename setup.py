@@ -6,13 +6,14 @@ without the extension, and ``loralite.ops`` falls back to the reference path. Bu
 
     pip install --no-build-isolation -e .
 
-``loralite._C`` holds the CPU operator ``nf4_dequantize`` and, when torch has CUDA and nvcc is
+``loralite._C`` holds the CPU operators ``nf4_dequantize`` and ``gemv`` (decoding) and, when torch has CUDA and nvcc is
 on the PATH, the CUDA NF4 GEMV ``nf4_gemv``. ``LORALITE_BUILD_EXTENSION=0`` skips the build.
 """
 
 import os
 import shutil
 import subprocess
+import sys
 import warnings
 
 from setuptools import setup
@@ -21,6 +22,9 @@ from setuptools.command.build_ext import build_ext
 # Flags shared by every build: no fused multiply-add, so that the CPU operator rounds exactly
 # as the PyTorch reference does (its output must be bit-identical).
 CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off"]
+# at::parallel_for is inline OpenMP in torch's headers: without -fopenmp the operators would run on
+# one thread. At run time the linked libgomp.so.1 is the one torch has already loaded.
+OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 NVCC_FLAGS = ["-O3", "--fmad=false"]
 
 
@@ -39,16 +43,18 @@ def _extension_build():
     except ImportError:
         _warn_skip("torch is not importable at build time")
         return [], {}
-    sources = ["csrc/module.cpp", "csrc/nf4_cpu.cpp"]
+    sources = ["csrc/module.cpp", "csrc/nf4_cpu.cpp", "csrc/gemv_cpu.cpp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
         and shutil.which("nvcc") is not None
     if with_cuda:
         sources += ["csrc/nf4_gemv.cu", "csrc/nf4_gemv_binding.cpp"]
         extension = cpp_extension.CUDAExtension(
-            "loralite._C", sources, extra_compile_args={"cxx": CXX_FLAGS, "nvcc": NVCC_FLAGS}, optional=True)
+            "loralite._C", sources, extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS, "nvcc": NVCC_FLAGS},
+            extra_link_args=OPENMP_FLAGS, optional=True)
     else:
         extension = cpp_extension.CppExtension(
-            "loralite._C", sources, extra_compile_args={"cxx": CXX_FLAGS}, optional=True)
+            "loralite._C", sources, extra_compile_args={"cxx": CXX_FLAGS + OPENMP_FLAGS},
+            extra_link_args=OPENMP_FLAGS, optional=True)
     return [extension], {"build_ext": _optional(cpp_extension.BuildExtension)}
 
 

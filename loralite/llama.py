@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from loralite import ops
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -142,6 +144,14 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same keys) whose decoding-sized products on CPU take
+    ``ops.linear``'s GEMV: at batch 1 a token is bound by how fast the weights are read."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias)
+
+
 @dataclass
 class KVCache:
     """Preallocated keys and values, so decoding the n-th token costs O(n), not O(n^2).
@@ -176,10 +186,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.hd = (config.num_attention_heads,
                                             config.num_key_value_heads, config.head_dim)
         D, bias = config.hidden_size, config.attention_bias
-        self.q_proj = nn.Linear(D, self.n_heads * self.hd, bias=bias)
-        self.k_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
-        self.v_proj = nn.Linear(D, self.n_kv * self.hd, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.hd, D, bias=bias)
+        self.q_proj = Linear(D, self.n_heads * self.hd, bias=bias)
+        self.k_proj = Linear(D, self.n_kv * self.hd, bias=bias)
+        self.v_proj = Linear(D, self.n_kv * self.hd, bias=bias)
+        self.o_proj = Linear(self.n_heads * self.hd, D, bias=bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
@@ -203,9 +213,9 @@ class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
         D, I, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(D, I, bias=bias)
-        self.up_proj = nn.Linear(D, I, bias=bias)
-        self.down_proj = nn.Linear(I, D, bias=bias)
+        self.gate_proj = Linear(D, I, bias=bias)
+        self.up_proj = Linear(D, I, bias=bias)
+        self.down_proj = Linear(I, D, bias=bias)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -261,7 +271,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = config
         self.model = LlamaModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute each layer in backward (saves activations)

@@ -25,6 +25,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from loralite.llama import Linear
 from loralite.lora_layer import LoraConfig, LoraLinear
 from loralite.quantize import Linear4bit
 from loralite.targeting import (
@@ -259,7 +260,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 def _dense_linear(base: nn.Module) -> nn.Linear:
     if isinstance(base, nn.Linear):
         return base
-    dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+    dense = Linear(base.in_features, base.out_features, bias=base.bias is not None,
                       device=base.weight.device, dtype=base.compute_dtype)
     with torch.no_grad():
         dense.weight.copy_(base.dequantize_weight())

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loralite import nf4
+from loralite.llama import Linear
 from loralite.quantize import Linear4bit
 
 # Merge messages go to the logger of the public module, where users look for them.
@@ -212,7 +213,7 @@ class LoraLinear(nn.Module):
                                        quant_type=q.quant_type)
             stored = base.weight.dequantize(torch.float32)
         else:
-            self.base_layer = dense = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None,
+            self.base_layer = dense = Linear(base.in_features, base.out_features, bias=base.bias is not None,
                                                 device=w.device, dtype=base.compute_dtype)
             dense.weight.requires_grad_(False).copy_(w)
             if base.bias is not None:

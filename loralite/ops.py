@@ -9,6 +9,10 @@ matmul; the fast paths compute the same numbers:
 | CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` | its dense weight, then ``torch.matmul`` |
 | otherwise | ``reference`` | ``q.dequantize`` | its dense weight, then ``torch.matmul`` |
 
+Dense weights have one fast path: ``linear`` sends the 1 to 4 row products of decoding on CPU
+(no autograd) to ``loralite._C``'s ``gemv``, which streams each weight once at close to memory
+bandwidth; everything else is ``F.linear``.
+
 ``LORALITE_KERNELS`` overrides the choice: ``reference`` forces the reference (for debugging);
 ``triton`` forces the Triton kernels, also on CPU tensors under ``TRITON_INTERPRET=1`` (for
 tests). On the ``cpp`` path the matmuls dequantize into a per-thread workspace that is kept
@@ -25,6 +29,7 @@ import os
 import threading
 
 import torch
+import torch.nn.functional as F
 
 from loralite.nf4 import NF4Tensor
 
@@ -32,6 +37,8 @@ from loralite.nf4 import NF4Tensor
 _MODES = ("auto", "reference", "triton")
 # Largest number of rows (tokens) that takes the CUDA GEMV.
 GEMV_MAX_ROWS = 8
+# Largest number of rows that takes the CPU GEMV for dense weights (loralite::gemv).
+CPU_GEMV_MAX_ROWS = 4
 
 
 def _load_extension() -> bool:
@@ -44,6 +51,9 @@ def _load_extension() -> bool:
     torch.library.register_fake("loralite::nf4_dequantize")(
         lambda data, absmax, nested_absmax, nested_code, offset, code, blocksize, numel, dtype:
         data.new_empty((numel,), dtype=dtype))
+    if hasattr(torch.ops.loralite, "gemv"):
+        torch.library.register_fake("loralite::gemv")(
+            lambda x, weight, bias: x.new_empty((x.shape[0], weight.shape[0])))
     if hasattr(torch.ops.loralite, "nf4_gemv"):
         torch.library.register_fake("loralite::nf4_gemv")(
             lambda x, data, absmax, nested_absmax, nested_code, offset, code, n, k, blocksize:
@@ -52,6 +62,7 @@ def _load_extension() -> bool:
 
 
 HAS_EXTENSION = _load_extension()
+HAS_CPU_GEMV = HAS_EXTENSION and hasattr(torch.ops.loralite, "gemv")
 
 
 def _path(t: torch.Tensor) -> str:
@@ -112,6 +123,33 @@ def _dense_for_matmul(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     if buffer is None or buffer.numel() < q.numel:
         buffers[dtype] = buffer = torch.empty(q.numel, dtype=dtype)
     return dequantize(q, dtype, out=buffer[:q.numel].view(q.shape))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; decoding-sized products on CPU take the C++ GEMV.
+
+    The GEMV runs when ``loralite._C`` is built, ``LORALITE_KERNELS`` is unset or ``auto``, x has
+    1 to 4 rows on CPU in the weight's dtype (float32 or bfloat16), and no gradient is needed.
+    These checks run on every call of every linear, so they are ordered cheapest-exit first.
+    """
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (_CPU_GEMV is None or not 0 < rows <= CPU_GEMV_MAX_ROWS or x.is_cuda or x.dtype != weight.dtype
+            or x.dtype not in _GEMV_DTYPES or not _needs_no_grad(x, weight, bias)
+            or (bias is not None and bias.dtype != x.dtype) or not weight.is_contiguous()
+            or os.environ.get("LORALITE_KERNELS", "auto") != "auto" or torch.compiler.is_compiling()):
+        return F.linear(x, weight, bias)
+    y = _CPU_GEMV(x.reshape(rows, k), weight, bias)  # (rows, out)
+    return y.view(*x.shape[:-1], weight.shape[0])
+
+
+_CPU_GEMV = torch.ops.loralite.gemv.default if HAS_CPU_GEMV else None
+_GEMV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _needs_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                               or (bias is not None and bias.requires_grad))
 
 
 def release_workspaces() -> None:

@@ -127,6 +127,48 @@ def test_cpu_dequantize_rejects_bad_inputs(dequantize_op):
         _run(dequantize_op, q, torch.int32)
 
 
+@pytest.fixture(scope="module")
+def gemv_op():
+    """torch.ops.loralite.gemv, from the installed extension or compiled here (with OpenMP, as setup.py does)."""
+    if not hasattr(torch.ops.loralite, "gemv"):
+        source = CSRC / "gemv_cpu.cpp"
+        cxx = os.environ.get("CXX", "c++")
+        library = _cached_build("gemv_cpu.so", [source], lambda out: [
+            cxx, "-O3", "-shared", "-fPIC", "-fopenmp", *_torch_flags(), str(source), "-o", str(out),
+            f"-L{TORCH_DIR / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"])
+        torch.ops.load_library(str(library))
+    return torch.ops.loralite.gemv
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("n, k", [(33, 576), (1000, 45), (7, 8)])  # k % 16: 0, 13 and k < 16
+def test_cpu_gemv_matches_f_linear(gemv_op, dtype, rows, n, k):
+    """Sums in another order than torch's: equal to F.linear within float32 rounding of the sum."""
+    torch.manual_seed(rows * n + k)
+    x, w, bias = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype), torch.randn(n).to(dtype)
+    exact = torch.nn.functional.linear(x.double(), w.double(), bias.double())
+    for b in (None, bias):
+        y = gemv_op(x, w, b)
+        assert y.dtype == dtype and y.shape == (rows, n)
+        expected = exact if b is not None else exact - bias.double()
+        # float32: the sum's own rounding; bfloat16: one rounding of the output (half an ulp, 2^-9 relative)
+        tolerance = 1e-5 * k**0.5 if dtype == torch.float32 else 2**-8
+        torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_cpu_gemv_rejects_bad_inputs(gemv_op):
+    x, w = torch.randn(1, 8), torch.randn(4, 8)
+    with pytest.raises(RuntimeError, match="1 to 4 rows"):
+        gemv_op(torch.randn(5, 8), w, None)
+    with pytest.raises(RuntimeError, match=r"\(M, K\)"):
+        gemv_op(x, torch.randn(4, 9), None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        gemv_op(x.half(), w.half(), None)
+    with pytest.raises(RuntimeError, match="bias"):
+        gemv_op(x, w, torch.randn(3))
+
+
 @needs_nvcc
 def test_every_cu_file_compiles_with_nvcc():
     for source in sorted(CSRC.glob("*.cu")):

@@ -11,7 +11,7 @@ from torch import nn
 
 import loralite.lora as ll
 from loralite.quantize import Linear4bit, NF4Config, quantize_model
-from loralite.llama import Llama, LlamaConfig
+from loralite.llama import Linear, Llama, LlamaConfig
 
 
 class Block(nn.Module):
@@ -310,7 +310,7 @@ def test_merge_over_nf4_dense_or_requantized(caplog):
     with caplog.at_level("INFO", logger="loralite.lora"):
         ll.merge(nf4_model)
     assert "max |error|" in caplog.text
-    assert type(nf4_model.model.layers[0].q_proj.base_layer) is nn.Linear
+    assert type(nf4_model.model.layers[0].q_proj.base_layer) is Linear  # dense again: loralite's nn.Linear
     torch.testing.assert_close(nf4_model(IDS), out, atol=1e-5, rtol=0)
     ll.unmerge(nf4_model)
     torch.testing.assert_close(nf4_model(IDS), out, atol=1e-5, rtol=0)

@@ -80,3 +80,23 @@ def test_cpp_matmuls_reuse_one_workspace_per_dtype(monkeypatch):
     assert ops._workspaces.buffers[torch.float32] is buffer  # reused, not reallocated
     for y, w in results:  # a later call never changes an earlier result
         assert torch.equal(y, x @ w.dequantize(torch.float32).T)
+
+
+@pytest.mark.skipif(not ops.HAS_CPU_GEMV, reason="loralite._C was not built with the CPU GEMV")
+def test_linear_takes_the_gemv_only_for_decoding_without_autograd(monkeypatch):
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    calls = []
+    real = ops._CPU_GEMV
+    monkeypatch.setattr(ops, "_CPU_GEMV", lambda *args: calls.append(args) or real(*args))
+    w, b = torch.randn(24, 40), torch.randn(24)
+    x = torch.randn(1, 3, 40)  # 3 rows: a decode step of a batch of 3
+    with torch.no_grad():
+        y = ops.linear(x, w, b)
+    assert len(calls) == 1 and y.shape == (1, 3, 24)
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    ops.linear(torch.randn(5, 40), w, b)  # 5 rows: a prompt, F.linear
+    ops.linear(x.requires_grad_(), w, b).sum().backward()  # autograd needs F.linear
+    ops.linear(x.detach().double(), w.double())  # float64: F.linear
+    monkeypatch.setenv("LORALITE_KERNELS", "reference")
+    ops.linear(x.detach(), w, b)
+    assert len(calls) == 1 and x.grad is not None
