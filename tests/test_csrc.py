@@ -45,17 +45,22 @@ def _torch_flags() -> list[str]:
             f"-I{TORCH_DIR / 'include'}", f"-I{TORCH_DIR / 'include/torch/csrc/api/include'}"]
 
 
+def _cpu_operator(name: str):
+    """torch.ops.loralite.<name>, from the installed extension or compiled here from csrc/<source>
+    with the flags setup.py uses (OpenMP included)."""
+    if not hasattr(torch.ops.loralite, name):
+        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp"}[name]
+        cxx = os.environ.get("CXX", "c++")
+        library = _cached_build(source.stem + ".so", [source], lambda out: [
+            cxx, "-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp", *_torch_flags(), str(source), "-o",
+            str(out), f"-L{TORCH_DIR / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"])
+        torch.ops.load_library(str(library))
+    return getattr(torch.ops.loralite, name)
+
+
 @pytest.fixture(scope="module")
 def dequantize_op():
-    """torch.ops.loralite.nf4_dequantize, from the installed extension or compiled here."""
-    if not hasattr(torch.ops.loralite, "nf4_dequantize"):
-        source = CSRC / "nf4_cpu.cpp"
-        cxx = os.environ.get("CXX", "c++")
-        library = _cached_build("nf4_cpu.so", [source], lambda out: [
-            cxx, "-O3", "-shared", "-fPIC", "-ffp-contract=off", *_torch_flags(), str(source), "-o", str(out),
-            f"-L{TORCH_DIR / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"])
-        torch.ops.load_library(str(library))
-    return torch.ops.loralite.nf4_dequantize
+    return _cpu_operator("nf4_dequantize")
 
 
 def _run(op, q, dtype):
@@ -129,15 +134,7 @@ def test_cpu_dequantize_rejects_bad_inputs(dequantize_op):
 
 @pytest.fixture(scope="module")
 def gemv_op():
-    """torch.ops.loralite.gemv, from the installed extension or compiled here (with OpenMP, as setup.py does)."""
-    if not hasattr(torch.ops.loralite, "gemv"):
-        source = CSRC / "gemv_cpu.cpp"
-        cxx = os.environ.get("CXX", "c++")
-        library = _cached_build("gemv_cpu.so", [source], lambda out: [
-            cxx, "-O3", "-shared", "-fPIC", "-fopenmp", *_torch_flags(), str(source), "-o", str(out),
-            f"-L{TORCH_DIR / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"])
-        torch.ops.load_library(str(library))
-    return torch.ops.loralite.gemv
+    return _cpu_operator("gemv")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
