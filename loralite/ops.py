@@ -125,6 +125,15 @@ def _dense_for_matmul(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(q, dtype, out=buffer[:q.numel].view(q.shape))
 
 
+_CPU_GEMV = torch.ops.loralite.gemv.default if HAS_CPU_GEMV else None
+_GEMV_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _needs_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                               or (bias is not None and bias.requires_grad))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; decoding-sized products on CPU take the C++ GEMV.
 
@@ -134,22 +143,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (_CPU_GEMV is None or not 0 < rows <= CPU_GEMV_MAX_ROWS or x.is_cuda or x.dtype != weight.dtype
-            or x.dtype not in _GEMV_DTYPES or not _needs_no_grad(x, weight, bias)
+    if (_CPU_GEMV is None or not 0 < rows <= CPU_GEMV_MAX_ROWS or x.device.type != "cpu"
+            or x.dtype != weight.dtype or x.dtype not in _GEMV_DTYPES or not _needs_no_grad(x, weight, bias)
             or (bias is not None and bias.dtype != x.dtype) or not weight.is_contiguous()
             or os.environ.get("LORALITE_KERNELS", "auto") != "auto" or torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
     y = _CPU_GEMV(x.reshape(rows, k), weight, bias)  # (rows, out)
     return y.view(*x.shape[:-1], weight.shape[0])
-
-
-_CPU_GEMV = torch.ops.loralite.gemv.default if HAS_CPU_GEMV else None
-_GEMV_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _needs_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
-                                               or (bias is not None and bias.requires_grad))
 
 
 def release_workspaces() -> None:
