@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loralite import nf4
+from loralite import nf4, ops
 from loralite.llama import Linear
 from loralite.quantize import Linear4bit
 
@@ -92,6 +92,30 @@ def _pattern_key(patterns: dict, module_name: str) -> str | None:
     return next((k for k in patterns if re.match(rf"(.*\.)?({k})$", module_name)), None)
 
 
+class _Dropout(torch.autograd.Function):
+    """Inverted dropout (``ops.dropout``) that keeps its mask as bool, one byte an element, for backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+        y, keep = ops.dropout(x, p)
+        ctx.scale = 1 / (1 - p)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(keep)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        (keep,) = ctx.saved_tensors
+        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None
+
+
+def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module`` (an ``nn.Dropout`` or ``nn.Identity``) applied to x, through ``_Dropout``."""
+    if isinstance(module, nn.Dropout) and module.training and module.p > 0:
+        return _Dropout.apply(x, module.p)
+    return x
+
+
 class LoraLinear(nn.Module):
     """A frozen linear plus named low-rank adapters: ``y = base(x) + Σ_active s_a · B_a A_a dropout(x)``.
 
@@ -160,7 +184,7 @@ class LoraLinear(nn.Module):
                 continue
             a = self.lora_A[name].weight.to(x.dtype)  # (r, in); computed in the input dtype
             b = self.lora_B[name].weight.to(result.dtype)  # (out, r)
-            h = F.linear(self.lora_dropout[name](x), a).to(result.dtype)  # (..., r)
+            h = F.linear(_dropout(self.lora_dropout[name], x), a).to(result.dtype)  # (..., r)
             # result + s · h Bᵀ in one GEMM with beta = 1; ΔW = s B A is never formed
             out2d = torch.addmm(result.reshape(-1, self.out_features), h.reshape(-1, h.shape[-1]), b.t(),
                                 alpha=self.scaling[name])  # (N, out)

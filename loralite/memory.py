@@ -145,7 +145,6 @@ class _Shape:
     B: int  # batch size
     T: int  # sequence length
     e: int  # bytes per activation element (the model dtype)
-    mask_e: int  # bytes per dropout-mask element: bool on CUDA, the activation dtype on CPU
 
     @property
     def N(self) -> int:
@@ -174,7 +173,8 @@ def _lora_saved(m: LoraLinear, s: _Shape, input_shared: bool, input_needs_grad: 
         if a.element_size() != s.e:  # B's copy serves h's gradient; A's copy x's, if x needs one
             total += (b.numel() + (a.numel() if input_needs_grad else 0)) * s.e
         if not isinstance(m.lora_dropout[name], nn.Identity):
-            total += s.N * m.in_features * (s.e + (s.mask_e if input_needs_grad else 0))
+            # dropout's output, and its bool mask (lora_layer._Dropout) when x needs a gradient
+            total += s.N * m.in_features * (s.e + (1 if input_needs_grad else 0))
         elif not input_shared:
             total += s.N * m.in_features * s.e
     return total
@@ -255,8 +255,8 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
         gradient_checkpointing: keep only each layer's input, recompute one layer at a time.
         optim: "adamw" (torch.optim.AdamW) or "adamw_8bit" (loralite.AdamW8bit).
         dtype: dtype of the model and its activations.
-        device: "cuda" or "cpu"; dropout keeps a bool mask on CUDA, a ``dtype`` one on CPU; on CPU
-            the largest dequantized weight stays allocated between steps (the matmul workspace).
+        device: "cuda" or "cpu"; on CPU the largest dequantized weight stays allocated between
+            steps (the matmul workspace).
     """
     _check("optim", optim, OPTIMIZERS)
     _check("device", device, ("cuda", "cpu"))
@@ -265,7 +265,7 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     config = model_config if isinstance(model_config, LlamaConfig) else LlamaConfig.from_dict(model_config)
     model = meta_model(config, lora, quant, dtype)
     e = torch.finfo(dtype).bits // 8
-    s = _Shape(batch_size, seq_len, e, 1 if device == "cuda" else e)
+    s = _Shape(batch_size, seq_len, e)
     params = [p for p in model.parameters() if p.requires_grad]
     adapters = sum(p.numel() * p.element_size() for p in params)
     states, optim_temp = _optimizer_bytes(params, optim)

@@ -11,7 +11,8 @@ matmul; the fast paths compute the same numbers:
 
 Dense weights have one fast path: ``linear`` sends the 1 to 4 row products of decoding on CPU
 (no autograd) to ``loralite._C``'s ``gemv``, which streams each weight once at close to memory
-bandwidth; everything else is ``F.linear``.
+bandwidth; everything else is ``F.linear``. ``dropout`` draws LoRA's dropout masks with
+``loralite._C``'s counter-based ``dropout`` on CPU, ``torch.native_dropout`` elsewhere.
 
 ``LORALITE_KERNELS`` overrides the choice: ``reference`` forces the reference (for debugging);
 ``triton`` forces the Triton kernels, also on CPU tensors under ``TRITON_INTERPRET=1`` (for
@@ -54,6 +55,9 @@ def _load_extension() -> bool:
     if hasattr(torch.ops.loralite, "gemv"):
         torch.library.register_fake("loralite::gemv")(
             lambda x, weight, bias: x.new_empty((x.shape[0], weight.shape[0])))
+    if hasattr(torch.ops.loralite, "dropout"):
+        torch.library.register_fake("loralite::dropout")(
+            lambda x, p, seed: (torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)))
     if hasattr(torch.ops.loralite, "nf4_gemv"):
         torch.library.register_fake("loralite::nf4_gemv")(
             lambda x, data, absmax, nested_absmax, nested_code, offset, code, n, k, blocksize:
@@ -63,6 +67,7 @@ def _load_extension() -> bool:
 
 HAS_EXTENSION = _load_extension()
 HAS_CPU_GEMV = HAS_EXTENSION and hasattr(torch.ops.loralite, "gemv")
+HAS_CPU_DROPOUT = HAS_EXTENSION and hasattr(torch.ops.loralite, "dropout")
 
 
 def _path(t: torch.Tensor) -> str:
@@ -150,6 +155,24 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight, bias)
     y = _CPU_GEMV(x.reshape(rows, k), weight, bias)  # (rows, out)
     return y.view(*x.shape[:-1], weight.shape[0])
+
+
+_CPU_DROPOUT = torch.ops.loralite.dropout.default if HAS_CPU_DROPOUT else None
+_DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverted dropout: ``(x * keep / (1 - p), keep)`` with ``keep`` a bool mask, P(keep) = 1 - p.
+
+    Not differentiable itself (``LoraLinear``'s dropout Function is). On CPU with ``loralite._C``
+    the mask comes from its counter-based operator, seeded from torch's generator (so
+    ``torch.manual_seed`` reproduces it); elsewhere from ``torch.native_dropout``.
+    """
+    if (_CPU_DROPOUT is not None and x.device.type == "cpu" and x.dtype in _DROPOUT_DTYPES
+            and os.environ.get("LORALITE_KERNELS", "auto") == "auto" and not torch.compiler.is_compiling()):
+        seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return _CPU_DROPOUT(x, p, seed)
+    return torch.native_dropout(x, p, True)
 
 
 def release_workspaces() -> None:

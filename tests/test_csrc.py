@@ -49,7 +49,7 @@ def _cpu_operator(name: str):
     """torch.ops.loralite.<name>, from the installed extension or compiled here from csrc/<source>
     with the flags setup.py uses (OpenMP included)."""
     if not hasattr(torch.ops.loralite, name):
-        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp"}[name]
+        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp"}[name]
         cxx = os.environ.get("CXX", "c++")
         library = _cached_build(source.stem + ".so", [source], lambda out: [
             cxx, "-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp", *_torch_flags(), str(source), "-o",
@@ -164,6 +164,21 @@ def test_cpu_gemv_rejects_bad_inputs(gemv_op):
         gemv_op(x.half(), w.half(), None)
     with pytest.raises(RuntimeError, match="bias"):
         gemv_op(x, w, torch.randn(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_dropout_operator(dtype):
+    """Masks depend on (seed, index) only; P(keep) = 1 - p; kept values are x / (1 - p)."""
+    op = _cpu_operator("dropout")
+    x = torch.randn(3, 50_001).to(dtype)  # odd count: the last pair has one element
+    y, keep = op(x, 0.25, 12345)
+    assert keep.dtype == torch.bool and keep.shape == x.shape and y.dtype == dtype
+    assert abs(keep.float().mean().item() - 0.75) < 0.01
+    assert torch.equal(y, torch.where(keep, (x.float() * (1 / 0.75)).to(dtype), 0))  # float32 scale, one rounding
+    assert torch.equal(op(x, 0.25, 12345)[1], keep) and not torch.equal(op(x, 0.25, 12346)[1], keep)
+    assert bool(op(x, 0.0, 1)[1].all())
+    with pytest.raises(RuntimeError, match="p must be"):
+        op(x, 1.0, 1)
 
 
 @needs_nvcc

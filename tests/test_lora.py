@@ -124,6 +124,51 @@ def test_dropout_only_in_training():
         torch.testing.assert_close(model(IDS), model(IDS), atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["auto", "reference"])  # loralite._C's operator when built; torch's
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lora_dropout_statistics_gradient_and_seeding(mode, dtype, monkeypatch):
+    """Inverted dropout: P(keep) = 1 - p, kept values scaled by 1 / (1 - p), the gradient through the
+    same mask, bool masks saved for backward, and torch.manual_seed reproducing the masks."""
+    from loralite.lora_layer import _Dropout
+
+    monkeypatch.setenv("LORALITE_KERNELS", mode)
+    p, n = 0.3, 200_000
+    x = (torch.rand(n) + 1).to(dtype).requires_grad_()  # no zeros: a zero output means dropped
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = _Dropout.apply(x, p)
+    assert [t.dtype for t in saved] == [torch.bool]  # the mask, one byte an element
+    keep = y != 0
+    assert abs(keep.float().mean().item() - (1 - p)) < 4 * (p * (1 - p) / n) ** 0.5  # 4 sigma
+    expected = (x.detach().float() / (1 - p)).to(dtype)
+    torch.testing.assert_close(y[keep], expected[keep], rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=0)
+    g = torch.randn(n).to(dtype)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, torch.where(keep, g.float() / (1 - p), 0).to(dtype),
+                               rtol=2**-7 if dtype == torch.bfloat16 else 1e-6, atol=0)
+    torch.manual_seed(7)
+    first = _Dropout.apply(x.detach(), p)
+    second = _Dropout.apply(x.detach(), p)
+    torch.manual_seed(7)
+    assert torch.equal(_Dropout.apply(x.detach(), p), first) and not torch.equal(first, second)
+
+
+def test_lora_dropout_masks_are_independent_of_the_thread_count():
+    from loralite.lora_layer import _Dropout
+
+    x = torch.ones(100_003)
+    masks = []
+    for threads in (1, 2):
+        previous = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            torch.manual_seed(3)
+            masks.append(_Dropout.apply(x, 0.1))
+        finally:
+            torch.set_num_threads(previous)
+    assert torch.equal(*masks)
+
+
 @torch.no_grad()
 def copy_lora_b_random(model):
     for n, p in model.named_parameters():
