@@ -36,9 +36,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from loralite import nf4
+from loralite import optim as _optim
 from loralite.llama import Llama, LlamaConfig
 from loralite.lora import LoraConfig, LoraLinear, add_lora, trainable_parameters
-from loralite import optim as _optim
 from loralite.optim import AdamW8bit
 from loralite.quantize import Linear4bit, NF4Config, _skipped
 

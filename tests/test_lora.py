@@ -10,8 +10,8 @@ from peft import get_peft_model
 from torch import nn
 
 import loralite.lora as ll
-from loralite.quantize import Linear4bit, NF4Config, quantize_model
 from loralite.llama import Linear, Llama, LlamaConfig
+from loralite.quantize import Linear4bit, NF4Config, quantize_model
 
 
 class Block(nn.Module):
