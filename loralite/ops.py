@@ -198,4 +198,9 @@ def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     if _path(g) == "triton":
         from loralite import kernels
         return kernels.nf4_matmul_t(g, q)
-    return g @ _dense_for_matmul(q, g.dtype)
+    dense = _dense_for_matmul(q, g.dtype)  # (out, in)
+    if g.device.type == "cpu" and g.dtype in (torch.bfloat16, torch.float16):
+        # torch's 16-bit CPU matmul is fast for x @ W.T but up to ~50x slower for g @ W (measured
+        # with bf16 on AVX2): transposing W first (a copy) and taking the fast form wins by far.
+        return F.linear(g, dense.T.contiguous())
+    return g @ dense
