@@ -229,10 +229,11 @@ def _tail_activations(config: LlamaConfig, model: nn.Module, s: _Shape, live: bo
     return total
 
 
-def _largest_dequantized(model: nn.Module) -> int:
-    """Bytes of the largest dense weight ``Linear4bit`` materializes in a matmul."""
+def _largest_dequantized(model: nn.Module, bits: tuple[int, ...] = (16, 32)) -> int:
+    """Bytes of the largest dense weight ``Linear4bit`` materializes in a matmul (among compute
+    dtypes of ``bits`` bits)."""
     sizes = [m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8
-             for m in model.modules() if isinstance(m, Linear4bit)]
+             for m in model.modules() if isinstance(m, Linear4bit) and torch.finfo(m.compute_dtype).bits in bits]
     return max(sizes, default=0)
 
 
@@ -280,6 +281,8 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     # Backward through a layer's down_proj: its dense weight, d(gate*up) from the base and the
     # adapter (N, I) each, and d(output) (N, D); the log-probs and final norm are released by then.
     layer_temp = _largest_dequantized(model) + 2 * N * I * e + N * D * e
+    if device == "cpu":  # a 16-bit input gradient multiplies a transposed copy too (ops.nf4_matmul_t)
+        layer_temp += _largest_dequantized(model, bits=(16,))
     # On CPU that dense weight lives in a workspace kept between matmuls (loralite.ops), so it is
     # also there while the loss is computed and while the optimizer steps.
     workspace = _largest_dequantized(model) if device == "cpu" else 0
