@@ -261,7 +261,7 @@ def _dense_linear(base: nn.Module) -> nn.Linear:
     if isinstance(base, nn.Linear):
         return base
     dense = Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                      device=base.weight.device, dtype=base.compute_dtype)
+                   device=base.weight.device, dtype=base.compute_dtype)
     with torch.no_grad():
         dense.weight.copy_(base.dequantize_weight())
         if base.bias is not None:

@@ -238,7 +238,7 @@ class LoraLinear(nn.Module):
             stored = base.weight.dequantize(torch.float32)
         else:
             self.base_layer = dense = Linear(base.in_features, base.out_features, bias=base.bias is not None,
-                                                device=w.device, dtype=base.compute_dtype)
+                                             device=w.device, dtype=base.compute_dtype)
             dense.weight.requires_grad_(False).copy_(w)
             if base.bias is not None:
                 dense.bias = base.bias
