@@ -169,6 +169,29 @@ def test_lora_dropout_masks_are_independent_of_the_thread_count():
     assert torch.equal(*masks)
 
 
+def test_lora_dropout_masks_repeat_under_gradient_checkpointing():
+    """Checkpointing recomputes each layer in backward; the dropout seeds come from torch's generator,
+    whose state checkpointing restores, so the recomputed masks are the forward's: same gradients."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    base = Llama(config)
+    ids = torch.randint(0, 64, (2, 8))
+    grads = []
+    for checkpointing in (False, True):
+        model = Llama(config)
+        model.load_state_dict(base.state_dict())
+        torch.manual_seed(1)
+        ll.add_lora(model, ll.LoraConfig(r=4, dropout=0.3, target_modules="all-linear", init=False))
+        model.train().gradient_checkpointing = checkpointing
+        torch.manual_seed(5)
+        model(ids).sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert len(grads[0]) == 28
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-6)
+
+
 @torch.no_grad()
 def copy_lora_b_random(model):
     for n, p in model.named_parameters():
