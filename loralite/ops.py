@@ -6,7 +6,7 @@ matmul; the fast paths compute the same numbers:
 | tensors | path | dequantize | matmuls |
 | --- | --- | --- | --- |
 | CUDA | ``triton`` | ``loralite.kernels.nf4_dequantize`` | ``loralite.kernels.nf4_matmul{,_t}``; ``loralite._C``'s GEMV for x @ W.T with M <= 8 rows |
-| CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` | its dense weight, then ``torch.matmul`` |
+| CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` | its dense weight (in a kept workspace), then ``torch.matmul``; 16-bit input gradients on a transposed copy |
 | otherwise | ``reference`` | ``q.dequantize`` | its dense weight, then ``torch.matmul`` |
 
 Dense weights have one fast path: ``linear`` sends the 1 to 4 row products of decoding on CPU
