@@ -67,15 +67,20 @@ def _load_extension() -> bool:
 
 HAS_EXTENSION = _load_extension()
 HAS_CPU_GEMV = HAS_EXTENSION and hasattr(torch.ops.loralite, "gemv")
-HAS_CPU_DROPOUT = HAS_EXTENSION and hasattr(torch.ops.loralite, "dropout")
 
 
-def _path(t: torch.Tensor) -> str:
-    """'triton', 'cpp' or 'reference': the path for an op on ``t``'s device (see the table above)."""
+def _mode() -> str:
+    """The value of ``LORALITE_KERNELS`` ("auto" when unset), checked."""
     mode = os.environ.get("LORALITE_KERNELS", "auto")
     if mode not in _MODES:
         raise ValueError(f"LORALITE_KERNELS={mode!r} is not one of {', '.join(_MODES)}; unset it "
                          "to let loralite choose the kernels")
+    return mode
+
+
+def _path(t: torch.Tensor) -> str:
+    """'triton', 'cpp' or 'reference': the path for an op on ``t``'s device (see the table above)."""
+    mode = _mode()
     if mode != "auto":
         return mode
     if t.is_cuda:
@@ -86,7 +91,7 @@ def _path(t: torch.Tensor) -> str:
 def _uses_gemv(x: torch.Tensor, q: NF4Tensor) -> bool:
     """Whether ``x @ W.T`` takes the CUDA GEMV: built, decode-sized, and a layout it supports."""
     rows = x.numel() // max(x.shape[-1], 1)
-    return (os.environ.get("LORALITE_KERNELS", "auto") == "auto" and x.is_cuda
+    return (_mode() == "auto" and x.is_cuda
             and hasattr(torch.ops.loralite, "nf4_gemv") and 1 <= rows <= GEMV_MAX_ROWS
             and q.shape[1] % 32 == 0 and q.blocksize % 32 == 0)
 
@@ -151,13 +156,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (_CPU_GEMV is None or not 0 < rows <= CPU_GEMV_MAX_ROWS or x.device.type != "cpu"
             or x.dtype != weight.dtype or x.dtype not in _GEMV_DTYPES or not _needs_no_grad(x, weight, bias)
             or (bias is not None and bias.dtype != x.dtype) or not weight.is_contiguous()
-            or os.environ.get("LORALITE_KERNELS", "auto") != "auto" or torch.compiler.is_compiling()):
+            or _mode() != "auto" or torch.compiler.is_compiling()):
         return F.linear(x, weight, bias)
     y = _CPU_GEMV(x.reshape(rows, k), weight, bias)  # (rows, out)
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
-_CPU_DROPOUT = torch.ops.loralite.dropout.default if HAS_CPU_DROPOUT else None
+_CPU_DROPOUT = torch.ops.loralite.dropout.default if HAS_EXTENSION and hasattr(torch.ops.loralite, "dropout") \
+    else None
 _DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -169,7 +175,7 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     ``torch.manual_seed`` reproduces it); elsewhere from ``torch.native_dropout``.
     """
     if (_CPU_DROPOUT is not None and x.device.type == "cpu" and x.dtype in _DROPOUT_DTYPES
-            and os.environ.get("LORALITE_KERNELS", "auto") == "auto" and not torch.compiler.is_compiling()):
+            and _mode() == "auto" and not torch.compiler.is_compiling()):
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return _CPU_DROPOUT(x, p, seed)
     return torch.native_dropout(x, p, True)
