@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from loralite.optim import OPTIMIZERS
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -210,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=1)
     e.add_argument("--seq-len", type=int, default=512)
     e.add_argument("--gradient-checkpointing", action="store_true")
-    e.add_argument("--optim", choices=["adamw", "adamw_8bit"], default="adamw")
+    e.add_argument("--optim", choices=OPTIMIZERS, default="adamw")
     e.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     e.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the step would run")
     e.add_argument("--json", action="store_true", help="print the numbers as JSON")

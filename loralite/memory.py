@@ -39,10 +39,9 @@ from loralite import nf4
 from loralite import optim as _optim
 from loralite.llama import Llama, LlamaConfig
 from loralite.lora import LoraConfig, LoraLinear, add_lora, trainable_parameters
-from loralite.optim import AdamW8bit
+from loralite.optim import OPTIMIZERS, AdamW8bit
 from loralite.quantize import Linear4bit, NF4Config, _skipped
 
-OPTIMIZERS = ("adamw", "adamw_8bit")
 _ADAMW8BIT_DEFAULTS = {k: v.default for k, v in inspect.signature(AdamW8bit).parameters.items()}
 PARTS = ("weights", "adapters", "gradients", "optimizer_states", "activations", "temporary")
 

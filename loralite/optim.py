@@ -28,6 +28,8 @@ import torch
 
 from loralite.nf4 import dynamic_map
 
+# The optimizers a training run can take (TrainConfig.optim): torch.optim.AdamW, or AdamW8bit below.
+OPTIMIZERS = ("adamw", "adamw_8bit")
 # Elements per update chunk. A chunk's temporaries peak at 17 bytes per element (m and v in
 # fp32, the lookup key and threshold): 68 MiB whatever the tensor size, so 8-bit states also
 # keep the *peak* memory low. Each chunk costs ~30 torch ops, and on busy cores every parallel

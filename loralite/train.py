@@ -30,10 +30,9 @@ from torch import nn
 from loralite import checkpoint as ckpt
 from loralite import data as data_lib
 from loralite.files import atomic_write, atomic_write_bytes
-from loralite.optim import AdamW8bit
+from loralite.optim import OPTIMIZERS, AdamW8bit
 
 SCHEDULES = ("linear", "cosine", "constant")
-OPTIMIZERS = ("adamw", "adamw_8bit")
 
 
 class NonFiniteLossError(ValueError):
