@@ -132,9 +132,14 @@ def save_checkpoint(output_dir: str | os.PathLike, model: nn.Module, optimizer: 
     return final
 
 
+def _param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The model's names of the optimizer's parameters, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
 def _optimizer_parts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
     """Split ``optimizer.state_dict()`` into tensors (for safetensors) and everything else (for JSON)."""
-    names = {id(p): n for n, p in model.named_parameters()}
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for index, values in sd["state"].items():
@@ -143,8 +148,8 @@ def _optimizer_parts(model: nn.Module, optimizer: torch.optim.Optimizer) -> tupl
                 tensors[f"{key}.{index}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{key}.{index}"] = value
-    params = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars, "param_names": params,
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars,
+                     "param_names": _param_names(model, optimizer),
                      "type": type(optimizer).__name__}
 
 
@@ -190,8 +195,7 @@ def _load_adapter_weights(path: Path, model: nn.Module) -> None:
 
 
 def _load_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    names = {id(p): n for n, p in model.named_parameters()}
-    params = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    params = _param_names(model, optimizer)
     if saved["param_names"] != params or saved["type"] != type(optimizer).__name__:
         raise ValueError(f"{path / STATE_NAME}: the optimizer state is for a {saved['type']} over "
                          f"{len(saved['param_names'])} parameters, not this {type(optimizer).__name__} over "
