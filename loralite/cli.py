@@ -98,9 +98,7 @@ def cmd_train(args):
         if args.qlora:
             ll.quantize_model(model, ll.NF4Config(compute_dtype=torch.bfloat16 if config.bf16 else torch.float32))
         torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
-        targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
-        ll.add_lora(model, ll.LoraConfig(r=args.r, alpha=args.alpha if args.alpha else 2 * args.r,
-                                         dropout=args.dropout, target_modules=targets))
+        ll.add_lora(model, _lora_config(args, alpha=args.alpha))
         history = train(model, tok, args.data, config)
         if not distributed or torch.distributed.get_rank() == 0:
             path = ll.save_adapter(model, os.path.join(args.output_dir, "adapter"),
@@ -109,6 +107,14 @@ def cmd_train(args):
     finally:
         if distributed:
             torch.distributed.destroy_process_group()
+
+
+def _lora_config(args, alpha: float | None = None):
+    """``LoraConfig`` from the --r, --dropout and --target-modules flags; alpha defaults to 2 r."""
+    from loralite.lora import LoraConfig
+
+    targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
+    return LoraConfig(r=args.r, alpha=alpha if alpha else 2 * args.r, dropout=args.dropout, target_modules=targets)
 
 
 def cmd_merge(args):
@@ -128,9 +134,8 @@ def cmd_estimate(args):
     from loralite.configs import load_config
     from loralite.memory import estimate_memory
 
-    targets = "all-linear" if args.target_modules == ["all-linear"] else args.target_modules
-    lora = ll.LoraConfig(r=args.r, alpha=2 * args.r, dropout=args.dropout, target_modules=targets)
-    est = estimate_memory(load_config(args.model), lora=lora, quant=ll.NF4Config() if args.qlora else None,
+    est = estimate_memory(load_config(args.model), lora=_lora_config(args),
+                          quant=ll.NF4Config() if args.qlora else None,
                           batch_size=args.batch_size, seq_len=args.seq_len,
                           gradient_checkpointing=args.gradient_checkpointing, optim=args.optim,
                           dtype=DTYPES[args.dtype], device=args.device)

@@ -364,9 +364,9 @@ class _Run:
 
     def _clip(self) -> float:
         """Global L2 norm of the gradients (before clipping), clipped to ``max_grad_norm`` if set."""
-        grads = [p.grad for p in self.params if p.grad is not None]
         if self.config.max_grad_norm > 0:
             return float(nn.utils.clip_grad_norm_(self.params, self.config.max_grad_norm))
+        grads = [p.grad for p in self.params if p.grad is not None]
         return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
     def _fail(self, loss: float, grad_norm: float) -> None:
