@@ -29,6 +29,7 @@ import time
 import torch
 
 from loralite import nf4, ops
+from loralite.files import atomic_write_text
 
 # (N, K) = (out_features, in_features): Llama-2-7B q/o, gate/up, down; Llama-2-70B q/o, gate/up, down.
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192), (8192, 28672)]
@@ -173,12 +174,6 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_atomic(path: pathlib.Path, text: str) -> None:
-    partial = path.with_suffix(path.suffix + ".tmp")
-    partial.write_text(text)
-    os.replace(partial, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller CPU matrix, fewer GPU shapes and rows")
@@ -189,9 +184,9 @@ def main() -> None:
                   quick=args.quick, extension_built=ops.HAS_EXTENSION, cpu=cpu_section(args.quick),
                   gpu=gpu_section(args.quick) if torch.cuda.is_available() else None)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(args.out_dir / "kernels.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out_dir / "kernels.json", json.dumps(result, indent=2) + "\n")
     markdown = _markdown(result)
-    _write_atomic(args.out_dir / "kernels.md", markdown)
+    atomic_write_text(args.out_dir / "kernels.md", markdown)
     print(markdown)
 
 

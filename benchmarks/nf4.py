@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,6 +29,7 @@ import torch
 from torch import nn
 
 from loralite import nf4, ops
+from loralite.files import atomic_write_text
 from loralite.quantize import Linear4bit, NF4Config
 
 FULL = dict(shapes=[(4096, 4096), (11008, 4096)], linear_shape=(4096, 4096), tokens=[1, 16, 512, 2048])
@@ -149,14 +148,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes and M, for a smoke run")
@@ -179,8 +170,8 @@ def main() -> None:
     for tokens in args.tokens or plan["tokens"]:
         result["linear"].append(bench_linear(plan["linear_shape"], tokens, repeats))
         print(result["linear"][-1], flush=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
-    write_atomic(out.with_suffix(".md"), markdown(result))
+    atomic_write_text(out.with_suffix(".json"), json.dumps(result, indent=2) + "\n")
+    atomic_write_text(out.with_suffix(".md"), markdown(result))
     print(markdown(result))
 
 
