@@ -50,7 +50,7 @@ def layer_steps(ours: Llama, peft_model, batch: int, seq: int):
     x = torch.randn(batch, seq, ours.config.hidden_size, requires_grad=True)
     angles = torch.arange(seq)[:, None].float() * rope_frequencies(ours.config, seq)  # (T, hd/2)
     angles = torch.cat((angles, angles), -1)  # (T, hd)
-    cos, sin = angles.cos()[None, None], angles.sin()[None, None]  # (1, 1, T, hd)
+    cos, sin = angles.cos()[None], angles.sin()[None]  # (1, T, hd)
     ours_layer = ours.model.layers[0]
     hf = peft_model.base_model.model.model
     position_ids = torch.arange(seq)[None].expand(batch, seq)

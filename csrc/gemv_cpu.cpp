@@ -2,6 +2,8 @@
 //
 //   y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]      x: (M, K), W: (N, K), M <= 4
 //
+// x may carry leading dimensions, (..., K) holding M rows; y then has them too, (..., N).
+//
 // At batch 1 a decoded token takes one row through every weight of the model, so decoding is
 // bound by how fast the weights stream from memory. torch's matmul for a single row reads them
 // at about half the bandwidth a plain sum reaches on a small x86 machine; this operator streams
@@ -25,15 +27,18 @@
 #include <optional>
 #include <vector>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LORALITE_HAVE_AVX2_PATH 1
-#endif
+#include "cpu_features.h"
+
 
 namespace loralite {
 namespace {
 
 constexpr int64_t kMaxRows = 4;
+// The vector loop asks for the weights this many bytes ahead of those it reads. On a 2-core
+// AVX2 EPYC, with the hardware prefetchers alone one row streamed bfloat16 weights at a median
+// 14.6 GB/s; 1 KiB ahead gave 17.5 GB/s, about what a plain float32 max over them reads
+// (512 B and 2-3 KiB ahead did less well).
+constexpr int64_t kPrefetchBytes = 1024;
 
 inline float widen(float v) { return v; }
 inline float widen(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -49,13 +54,6 @@ void rows_scalar(const float* x, const W* w, int64_t k, float* sums) {
 }
 
 #ifdef LORALITE_HAVE_AVX2_PATH
-#define LORALITE_AVX2 __attribute__((target("avx2,fma")))
-
-bool cpu_has_avx2_fma() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
-}
-
 LORALITE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 
 // 8 bfloat16 -> 8 float32: a bfloat16 is the top half of a float32.
@@ -77,6 +75,7 @@ LORALITE_AVX2 void rows_avx2(const float* x, const W* w, int64_t k, float* sums)
   for (int m = 0; m < M; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= k; i += 16) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + i) + kPrefetchBytes, _MM_HINT_T0);
     const __m256 w0 = load8(w + i), w1 = load8(w + i + 8);
     for (int m = 0; m < M; ++m) {
       acc[m][0] = _mm256_fmadd_ps(_mm256_loadu_ps(x + m * k + i), w0, acc[m][0]);
@@ -96,7 +95,7 @@ template <typename T, int M>
 void gemv_range(const float* x, const T* w, const float* bias, int64_t k, int64_t n, int64_t first,
                 int64_t last, T* out) {
 #ifdef LORALITE_HAVE_AVX2_PATH
-  const bool vector = cpu_has_avx2_fma();
+  const bool vector = cpu_has_avx2();
 #endif
   float sums[M];
   for (int64_t j = first; j < last; ++j) {
@@ -135,30 +134,34 @@ void gemv_typed(const at::Tensor& x, const at::Tensor& weight, const float* bias
   });
 }
 
+// x: (..., K) with M = x.numel() / K rows; returns (..., N).
 at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
-              "gemv: x must be (M, K) and weight (N, K), got ", x.sizes(), " and ", weight.sizes());
-  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxRows, "gemv takes 1 to ", kMaxRows, " rows, got ", x.size(0));
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) && weight.size(1) > 0,
+              "gemv: x must be (..., K) and weight (N, K), got ", x.sizes(), " and ", weight.sizes());
+  const int64_t rows = x.numel() / x.size(-1);
+  TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "gemv takes 1 to ", kMaxRows, " rows, got ", rows);
   const auto dtype = weight.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gemv: weight must be float32 or bfloat16, not ",
               dtype);
   TORCH_CHECK(x.scalar_type() == dtype && weight.is_contiguous(),
               "gemv: x must have the weight's dtype and the weight must be contiguous");
-  const at::Tensor xs = x.contiguous();
+  const at::Tensor xs = x.contiguous().view({rows, x.size(-1)});
   std::optional<at::Tensor> b;
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "gemv: bias must be (N,), got ",
                 bias->sizes());
     b = bias->to(at::kFloat).contiguous();
   }
-  at::Tensor out = at::empty({x.size(0), weight.size(0)}, weight.options());
+  at::Tensor out = at::empty({rows, weight.size(0)}, weight.options());
   const float* bias_data = b.has_value() ? b->data_ptr<float>() : nullptr;
   if (dtype == at::kFloat) {
     gemv_typed<float>(xs, weight, bias_data, out);
   } else {
     gemv_typed<c10::BFloat16>(xs, weight, bias_data, out);
   }
-  return out;
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = weight.size(0);
+  return out.view(shape);
 }
 
 }  // namespace

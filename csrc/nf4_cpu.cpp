@@ -38,10 +38,7 @@
 #include <optional>
 #include <type_traits>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>
-#define LORALITE_HAVE_AVX2_PATH 1
-#endif
+#include "cpu_features.h"
 
 namespace loralite {
 namespace {
@@ -80,14 +77,6 @@ void decode_block(const uint8_t* data, int64_t byte_begin, int64_t byte_end, int
 }
 
 #ifdef LORALITE_HAVE_AVX2_PATH
-#define LORALITE_AVX2 __attribute__((target("avx2,f16c")))
-
-// Whether this CPU runs the vector path (the build targets baseline x86-64).
-bool cpu_has_avx2() {
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
-  return supported;
-}
-
 // code[i] * scale for i = 0..15 as two 8-float registers: exactly the scalar float32 products.
 struct FloatTable {
   __m256 low, high;  // entries 0..7 and 8..15

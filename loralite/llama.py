@@ -124,12 +124,6 @@ def rope_frequencies(config: LlamaConfig, seq_len: int, device=None) -> torch.Te
     return inv_freq
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 class RMSNorm(nn.Module):
     """``y = w * x / sqrt(mean(x^2) + eps)``, computed in fp32 (Zhang & Sennrich, 2019)."""
 
@@ -139,9 +133,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 class Linear(nn.Linear):
@@ -193,17 +185,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.hd).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = ops.rotary(self.q_proj(x).view(B, T, self.n_heads, self.hd), cos, sin).transpose(1, 2)  # (B, H, T, hd)
+        k = ops.rotary(self.k_proj(x).view(B, T, self.n_kv, self.hd), cos, sin).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, Hkv, T, hd)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, hd)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,  # no mask: keys are exactly these T tokens
-            enable_gqa=self.n_kv != self.n_heads,
-        )  # (B, H, T, hd)
+        y = ops.attention(q, k, v, mask)  # (B, H, T, hd); no mask: causal over these T tokens
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.hd))
 
 
@@ -323,7 +310,7 @@ class Llama(nn.Module):
         x = self.model.embed_tokens(input_ids)  # (B, T, D)
         inv_freq = rope_frequencies(self.config, int(position_ids.max()) + 1, device)
         angles = position_ids[..., None].float() * inv_freq  # (B, T, hd/2)
-        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, hd)
+        angles = torch.cat((angles, angles), dim=-1)  # (B, T, hd)
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         mask = None
         if attention_mask is not None or segment_ids is not None or (past > 0 and T > 1):

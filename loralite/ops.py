@@ -9,9 +9,11 @@ matmul; the fast paths compute the same numbers:
 | CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` | its dense weight (in a kept workspace), then ``torch.matmul``; 16-bit input gradients on a transposed copy |
 | otherwise | ``reference`` | ``q.dequantize`` | its dense weight, then ``torch.matmul`` |
 
-Dense weights have one fast path: ``linear`` sends the 1 to 4 row products of decoding on CPU
-(no autograd) to ``loralite._C``'s ``gemv``, which streams each weight once at close to memory
-bandwidth; everything else is ``F.linear``. ``dropout`` draws LoRA's dropout masks with
+Decoding on CPU (no autograd) has fast paths in ``loralite._C`` beside each reference here:
+``linear`` sends products of 1 to 4 rows to ``gemv``, which streams each weight once at close to
+memory bandwidth (everything else is ``F.linear``); ``rms_norm``, ``rotary`` and, for one query
+per sequence, ``attention`` each take one call instead of the reference's chain of small aten
+ops, which at batch 1 cost as much as the weight reads. ``dropout`` draws LoRA's dropout masks with
 ``loralite._C``'s counter-based ``dropout`` on CPU, ``torch.native_dropout`` elsewhere.
 
 ``LORALITE_KERNELS`` overrides the choice: ``reference`` forces the reference (for debugging);
@@ -26,6 +28,7 @@ calls ``nf4_matmul`` forward and ``nf4_matmul_t`` for the input gradient.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import threading
 
@@ -54,7 +57,12 @@ def _load_extension() -> bool:
         data.new_empty((numel,), dtype=dtype))
     if hasattr(torch.ops.loralite, "gemv"):
         torch.library.register_fake("loralite::gemv")(
-            lambda x, weight, bias: x.new_empty((x.shape[0], weight.shape[0])))
+            lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
+    if hasattr(torch.ops.loralite, "rms_norm"):
+        torch.library.register_fake("loralite::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
+        torch.library.register_fake("loralite::rotary")(lambda x, cos, sin: torch.empty_like(x))
+        torch.library.register_fake("loralite::decode_attention")(
+            lambda q, k, v, mask, scale: torch.empty_like(q))
     if hasattr(torch.ops.loralite, "dropout"):
         torch.library.register_fake("loralite::dropout")(
             lambda x, p, seed: (torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)))
@@ -135,36 +143,104 @@ def _dense_for_matmul(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantize(q, dtype, out=buffer[:q.numel].view(q.shape))
 
 
-_CPU_GEMV = torch.ops.loralite.gemv.default if HAS_CPU_GEMV else None
+def _cpu_op(name: str):
+    """``torch.ops.loralite.<name>`` when ``loralite._C`` was built with it, else None."""
+    return getattr(torch.ops.loralite, name).default if HAS_EXTENSION and hasattr(torch.ops.loralite, name) else None
+
+
+_CPU_GEMV = _cpu_op("gemv")
+_CPU_DROPOUT = _cpu_op("dropout")
+_CPU_RMS_NORM = _cpu_op("rms_norm")
+_CPU_ROTARY = _cpu_op("rotary")
+_CPU_DECODE_ATTENTION = _cpu_op("decode_attention")
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _GEMV_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def _needs_no_grad(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    return not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
-                                               or (bias is not None and bias.requires_grad))
+def _needs_no_grad(*tensors: torch.Tensor | None) -> bool:
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _cpu_inference(op, x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether the C++ operator ``op`` may compute on ``x`` and ``tensors``: it was built, they are on
+    CPU, no gradient is needed, ``LORALITE_KERNELS`` is unset or ``auto``, and torch.compile is not
+    tracing. These checks run for every linear, norm and attention of a decoded token: cheapest first."""
+    return (op is not None and x.is_cpu and _needs_no_grad(x, *tensors) and not torch.compiler.is_compiling()
+            and _mode() == "auto")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``; decoding-sized products on CPU take the C++ GEMV.
 
-    The GEMV runs when ``loralite._C`` is built, ``LORALITE_KERNELS`` is unset or ``auto``, x has
-    1 to 4 rows on CPU in the weight's dtype (float32 or bfloat16), and no gradient is needed.
-    These checks run on every call of every linear, so they are ordered cheapest-exit first.
+    The GEMV runs for x of 1 to 4 rows in the weight's dtype (float32 or bfloat16), a contiguous
+    weight, and the conditions of ``_cpu_inference``.
     """
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (_CPU_GEMV is None or not 0 < rows <= CPU_GEMV_MAX_ROWS or x.device.type != "cpu"
-            or x.dtype != weight.dtype or x.dtype not in _GEMV_DTYPES or not _needs_no_grad(x, weight, bias)
-            or (bias is not None and bias.dtype != x.dtype) or not weight.is_contiguous()
-            or _mode() != "auto" or torch.compiler.is_compiling()):
-        return F.linear(x, weight, bias)
-    y = _CPU_GEMV(x.reshape(rows, k), weight, bias)  # (rows, out)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    if (0 < rows <= CPU_GEMV_MAX_ROWS and x.dtype == weight.dtype and x.dtype in _GEMV_DTYPES
+            and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
+            and _cpu_inference(_CPU_GEMV, x, weight, bias)):
+        return _CPU_GEMV(x, weight, bias)  # (..., out)
+    return F.linear(x, weight, bias)
 
 
-_CPU_DROPOUT = torch.ops.loralite.dropout.default if HAS_EXTENSION and hasattr(torch.ops.loralite, "dropout") \
-    else None
-_DROPOUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * x / sqrt(mean(x^2) + eps)`` over the last dimension (Zhang & Sennrich, 2019).
+
+    x is normalized in float32 and rounded to its dtype before the weight scales it, as in
+    Llama. On CPU without autograd, with x and weight of one dtype, ``loralite._C``'s operator
+    computes the same in one call.
+    """
+    if x.dtype == weight.dtype and x.dtype in _FLOAT_DTYPES and _cpu_inference(_CPU_RMS_NORM, x, weight):
+        return _CPU_RMS_NORM(x, weight, eps)
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) on the two halves of the last dimension."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al., 2021): ``x * cos + rotate_half(x) * sin``.
+
+    Args:
+        x: (B, T, H, hd) queries or keys, one row per head.
+        cos, sin: (B, T, hd) of each token's angles, shared by all heads, in x's dtype.
+
+    On CPU without autograd ``loralite._C``'s operator computes it in one call, bit for bit.
+    """
+    if (cos.dtype == x.dtype and sin.dtype == x.dtype and x.dtype in _FLOAT_DTYPES
+            and _cpu_inference(_CPU_ROTARY, x, cos, sin)):
+        return _CPU_ROTARY(x, cos, sin)
+    cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
+    return x * cos + rotate_half(x) * sin
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Softmax attention ``softmax(q k^T / sqrt(hd)) v`` with grouped-query key/value heads.
+
+    Args:
+        q: (B, H, T, hd) queries.
+        k, v: (B, Hkv, S, hd) keys and values; Hkv divides H, each serving H / Hkv query heads.
+        mask: bool, broadcastable to (B, 1, T, S), True where a query may attend a key; None
+            means causal attention over the same T tokens (or every key, for one query).
+
+    Returns (B, H, T, hd). One query per sequence on CPU without autograd (a decoded token) takes
+    ``loralite._C``'s ``decode_attention``; everything else ``F.scaled_dot_product_attention``.
+    """
+    B, H, T, hd = q.shape
+    if (T == 1 and q.dtype == k.dtype == v.dtype and q.dtype in _FLOAT_DTYPES
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4))
+            and k.stride(-1) == 1 and v.stride(-1) == 1 and _cpu_inference(_CPU_DECODE_ATTENTION, q, k, v)):
+        keep = None if mask is None else mask.expand(B, 1, 1, k.shape[2]).reshape(B, -1)  # (B, S)
+        y = _CPU_DECODE_ATTENTION(q.transpose(1, 2), k, v, keep, 1.0 / math.sqrt(hd))  # (B, 1, H, hd)
+        return y.transpose(1, 2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                          enable_gqa=H != k.shape[1])
 
 
 def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +250,7 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     the mask comes from its counter-based operator, seeded from torch's generator (so
     ``torch.manual_seed`` reproduces it); elsewhere from ``torch.native_dropout``.
     """
-    if (_CPU_DROPOUT is not None and x.device.type == "cpu" and x.dtype in _DROPOUT_DTYPES
+    if (_CPU_DROPOUT is not None and x.is_cpu and x.dtype in _FLOAT_DTYPES
             and _mode() == "auto" and not torch.compiler.is_compiling()):
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return _CPU_DROPOUT(x, p, seed)

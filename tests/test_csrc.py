@@ -49,9 +49,11 @@ def _cpu_operator(name: str):
     """torch.ops.loralite.<name>, from the installed extension or compiled here from csrc/<source>
     with the flags setup.py uses (OpenMP included)."""
     if not hasattr(torch.ops.loralite, name):
-        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp"}[name]
+        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp",
+                         "rms_norm": "decode_cpu.cpp", "rotary": "decode_cpu.cpp",
+                         "decode_attention": "decode_cpu.cpp"}[name]
         cxx = os.environ.get("CXX", "c++")
-        library = _cached_build(source.stem + ".so", [source], lambda out: [
+        library = _cached_build(source.stem + ".so", [source, *CSRC.glob("*.h")], lambda out: [
             cxx, "-O3", "-shared", "-fPIC", "-ffp-contract=off", "-fopenmp", *_torch_flags(), str(source), "-o",
             str(out), f"-L{TORCH_DIR / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{TORCH_DIR / 'lib'}"])
         torch.ops.load_library(str(library))
@@ -154,11 +156,18 @@ def test_cpu_gemv_matches_f_linear(gemv_op, dtype, rows, n, k):
         torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+def test_cpu_gemv_keeps_leading_dimensions(gemv_op):
+    x, w = torch.randn(2, 1, 40), torch.randn(24, 40)  # a decode step of a batch of 2: (B, T, K)
+    y = gemv_op(x, w, None)
+    assert y.shape == (2, 1, 24)
+    torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_gemv_rejects_bad_inputs(gemv_op):
     x, w = torch.randn(1, 8), torch.randn(4, 8)
     with pytest.raises(RuntimeError, match="1 to 4 rows"):
         gemv_op(torch.randn(5, 8), w, None)
-    with pytest.raises(RuntimeError, match=r"\(M, K\)"):
+    with pytest.raises(RuntimeError, match=r"\(\.\.\., K\)"):
         gemv_op(x, torch.randn(4, 9), None)
     with pytest.raises(RuntimeError, match="float32 or bfloat16"):
         gemv_op(x.half(), w.half(), None)
@@ -179,6 +188,85 @@ def test_cpu_dropout_operator(dtype):
     assert bool(op(x, 0.0, 1)[1].all())
     with pytest.raises(RuntimeError, match="p must be"):
         op(x, 1.0, 1)
+
+
+def _reference(monkeypatch, fn, *args):
+    """``fn(*args)`` on the pure-PyTorch reference path of loralite.ops."""
+    with monkeypatch.context() as patch:
+        patch.setenv("LORALITE_KERNELS", "reference")
+        return fn(*args)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1, 576), (3, 5, 64), (2, 7)])
+def test_cpu_rms_norm_matches_the_reference(monkeypatch, dtype, shape):
+    """Same roundings as ops.rms_norm's reference; only the mean's sum is in another order."""
+    op = _cpu_operator("rms_norm")
+    torch.manual_seed(shape[-1])
+    x, w = (torch.randn(shape) * 3).to(dtype), (1 + torch.randn(shape[-1]) * 0.1).to(dtype)
+    y, expected = op(x, w, 1e-5), _reference(monkeypatch, ops.rms_norm, x, w, 1e-5)
+    assert y.dtype == dtype and y.shape == x.shape
+    torch.testing.assert_close(y, expected, rtol=1e-6 if dtype == torch.float32 else 2**-7, atol=0)
+    if dtype != torch.float32:  # the sum's last bit rarely moves a 16-bit rounding
+        assert (y == expected).float().mean() > 0.98
+    with pytest.raises(RuntimeError, match="weight must be"):
+        op(x, w[:-1], 1e-5)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(x, w.double(), 1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, T, H, hd", [(1, 1, 9, 64), (2, 5, 3, 128), (1, 3, 1, 2)])
+def test_cpu_rotary_equals_the_reference_bitwise(monkeypatch, dtype, B, T, H, hd):
+    op = _cpu_operator("rotary")
+    torch.manual_seed(hd + T)
+    x = torch.randn(B, T, H, hd).to(dtype)
+    angles = torch.rand(B, T, hd) * 100
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    assert torch.equal(op(x, cos, sin), _reference(monkeypatch, ops.rotary, x, cos, sin))
+    with pytest.raises(RuntimeError, match="cos and sin must be"):
+        op(x, cos[..., :-2], sin[..., :-2])
+    with pytest.raises(RuntimeError, match="hd even"):
+        op(x[..., :1], cos[..., :1], sin[..., :1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B, H, Hkv, S, hd", [(1, 9, 3, 70, 64), (2, 4, 4, 5, 32), (3, 6, 2, 17, 12)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_cpu_decode_attention_matches_sdpa(dtype, B, H, Hkv, S, hd, masked):
+    """One query per sequence over keys and values in a longer cache (strided), GQA, an optional
+    padding mask; hd = 12 takes the scalar loop. Against SDPA in float64 on the same inputs."""
+    op = _cpu_operator("decode_attention")
+    torch.manual_seed(S * H + hd)
+    q = torch.randn(B, 1, H, hd).to(dtype)
+    k_cache, v_cache = torch.randn(2, B, Hkv, S + 9, hd).to(dtype)  # 9 unfilled positions
+    k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, Hkv, S, hd), not contiguous
+    keep = torch.rand(B, S) > 0.3 if masked else None
+    if keep is not None:
+        keep[:, -1] = True  # every row attends to at least its own token
+    y = op(q, k, v, keep, hd**-0.5)
+    assert y.dtype == dtype and y.shape == (B, 1, H, hd)
+    mask = None if keep is None else keep[:, None, None, :]
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2).double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    # float32: sums of S terms; 16-bit: one rounding of the output
+    tolerance = 1e-5 if dtype == torch.float32 else 2**-8 if dtype == torch.float16 else 2**-7
+    torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance)
+
+
+def test_cpu_decode_attention_rejects_bad_inputs():
+    op = _cpu_operator("decode_attention")
+    q, kv = torch.randn(1, 1, 4, 8), torch.randn(1, 2, 6, 8)
+    with pytest.raises(RuntimeError, match=r"q must be \(B, 1, H, hd\)"):
+        op(torch.randn(1, 2, 4, 8), kv, kv, None, 1.0)
+    with pytest.raises(RuntimeError, match="do not divide"):
+        op(q, torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8), None, 1.0)
+    with pytest.raises(RuntimeError, match="mask must be bool"):
+        op(q, kv, kv, torch.ones(1, 5, dtype=torch.bool), 1.0)
+    with pytest.raises(RuntimeError, match="contiguous in hd"):
+        op(q, kv.transpose(2, 3).contiguous().transpose(2, 3), kv, None, 1.0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        op(q, kv.half(), kv, None, 1.0)
 
 
 @needs_nvcc

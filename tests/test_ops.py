@@ -100,3 +100,41 @@ def test_linear_takes_the_gemv_only_for_decoding_without_autograd(monkeypatch):
     monkeypatch.setenv("LORALITE_KERNELS", "reference")
     ops.linear(x.detach(), w, b)
     assert len(calls) == 1 and x.grad is not None
+
+
+def _recording(monkeypatch, name: str) -> list:
+    """Replaces ops.<name> (a loralite._C operator) by a wrapper that records its calls."""
+    calls, real = [], getattr(ops, name)
+    monkeypatch.setattr(ops, name, lambda *args: calls.append(args) or real(*args))
+    return calls
+
+
+@pytest.mark.skipif(ops._CPU_DECODE_ATTENTION is None, reason="loralite._C was not built with the decode operators")
+def test_decode_ops_run_only_for_inference_and_compute_the_reference(monkeypatch):
+    """rms_norm, rotary and one-query attention take loralite._C without autograd on CPU, else the
+    reference; both paths agree."""
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    calls = {name: _recording(monkeypatch, name) for name in ("_CPU_RMS_NORM", "_CPU_ROTARY", "_CPU_DECODE_ATTENTION")}
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 1, 4, 8), torch.randn(8)
+    angles = torch.rand(2, 1, 8)
+    q, kv = torch.randn(2, 4, 1, 8), torch.randn(2, 2, 5, 8)  # (B, H, T, hd), (B, Hkv, S, hd)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)[:, None, None]  # (B, 1, 1, S)
+
+    def run():
+        return (ops.rms_norm(x, w, 1e-6), ops.rotary(x, angles.cos(), angles.sin()),
+                ops.attention(q, kv, kv, mask), ops.attention(q, kv, kv))
+
+    with torch.no_grad():
+        fast = run()
+    assert [len(c) for c in calls.values()] == [1, 1, 2]
+    for t in (x, q):
+        t.requires_grad_()
+    slow = run()  # autograd: the reference ops
+    assert [len(c) for c in calls.values()] == [1, 1, 2]
+    assert fast[2].shape == fast[3].shape == (2, 4, 1, 8)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        ops.attention(torch.randn(2, 4, 3, 8), kv, kv, mask)  # 3 queries (a prompt): SDPA
+    assert len(calls["_CPU_DECODE_ATTENTION"]) == 2
