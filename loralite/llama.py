@@ -20,6 +20,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from loralite import ops
+from loralite.data import IGNORE_INDEX
+from loralite.loss import linear_cross_entropy
 
 
 @dataclass(frozen=True)
@@ -286,8 +288,8 @@ class Llama(nn.Module):
                        [make() for _ in range(c.num_hidden_layers)])
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, segment_ids=None,
-                cache: KVCache | None = None, last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, V) in fp32 for ``input_ids`` (B, T).
+                cache: KVCache | None = None, last_only: bool = False, labels=None) -> torch.Tensor:
+        """Logits (B, T, V) in fp32 for ``input_ids`` (B, T), or with ``labels`` the training loss.
 
         Args:
             attention_mask: (B, S) with 0 at padded positions, S = cached + new tokens.
@@ -298,6 +300,10 @@ class Llama(nn.Module):
             cache: a ``KVCache`` from ``make_cache``; filled in place and advanced by T.
             last_only: compute the logits of the last position only (B, 1, V), as decoding
                 needs; the output head is the largest matmul of a small model.
+            labels: (B, T) token ids aligned with ``input_ids`` (``IGNORE_INDEX`` where no loss);
+                position t predicts ``labels[:, t + 1]``. Returns the summed next-token
+                cross-entropy (float32 scalar) instead of logits, through
+                ``loss.linear_cross_entropy`` when the head is a plain linear: no (B, T, V) logits.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -325,4 +331,16 @@ class Llama(nn.Module):
             cache.length += T
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x)).float()
+        x = self.model.norm(x)
+        if labels is not None:
+            return self._loss_sum(x, labels)
+        return self.lm_head(x).float()
+
+    def _loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed cross-entropy of the next token at every position of x (B, T, D)."""
+        targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # (B T,); the last predicts nothing
+        head = self.lm_head
+        if type(head) is Linear and head.bias is None:
+            return linear_cross_entropy(x.flatten(0, 1), head.weight, targets)
+        logits = head(x).float().flatten(0, 1)  # an adapted or quantized head: (B T, V) logits
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from loralite import checkpoint as ckpt
@@ -136,11 +135,9 @@ def token_loss_sum(model: nn.Module, batch: dict, bf16: bool) -> torch.Tensor:
     # from seeing it (padding positions have no loss); only packed rows need the segment mask.
     segment_ids = batch["segment_ids"].to(device) if "segment_ids" in batch else None
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        logits = model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
-                       segment_ids=segment_ids)  # (B, T, V) float32
-    labels = batch["labels"][:, 1:].to(device)  # (B, T-1): token t+1 is predicted at position t
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), ignore_index=data_lib.IGNORE_INDEX,
-                           reduction="sum")
+        # token t + 1 is predicted at position t; the loss is fused with the output head (loralite.loss)
+        return model(batch["input_ids"].to(device), position_ids=batch["position_ids"].to(device),
+                     segment_ids=segment_ids, labels=batch["labels"].to(device))
 
 
 def target_tokens(batch: dict) -> int:

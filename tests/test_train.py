@@ -212,7 +212,8 @@ def test_qlora_teaches_the_default_model_a_fact(tmp_path, default_tokenizer):
     torch.manual_seed(0)
     ll.add_lora(model, ll.LoraConfig(r=8, alpha=16, target_modules=["q_proj", "v_proj", "o_proj"]))
     history = train(model, default_tokenizer, rows, TrainConfig(
-        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=1e-2,
+        # 5e-3 converges smoothly (to ~0.002); at 1e-2 the loss spikes between steps, so the last one varies
+        output_dir=str(tmp_path), max_steps=12, per_device_train_batch_size=4, learning_rate=5e-3,
         save_steps=0, max_seq_length=32, disable_tqdm=True, lr_scheduler_type="constant"))
     assert history[-1]["loss"] < 0.2 * history[0]["loss"]
     ll.save_adapter(model, tmp_path / "adapter")
