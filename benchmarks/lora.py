@@ -3,7 +3,10 @@
 Two workloads, each a forward + backward with the same LoRA config, weights and batch:
   * one decoder layer of the default model (SmolLM2-135M: hidden 576, 9/3 heads, MLP 1536);
   * the whole default model (``loralite.load_model("smollm2-135m")``, 30 layers, vocab 49152),
-    with the same weights copied into ``transformers.LlamaForCausalLM`` (identical state-dict keys).
+    with the same weights copied into ``transformers.LlamaForCausalLM`` (identical state-dict keys),
+    each with its library's training loss: ``model(ids, labels=ids)`` (loralite's output head fused
+    with the cross-entropy, a chunk of tokens at a time) and ``model(input_ids=ids, labels=ids).loss``
+    (transformers: full float32 logits, then the cross-entropy).
 Runs alternate (loralite, PEFT, loralite, ...) so that load on the shared machine hits both alike;
 the figure is the median time per step and the ratio loralite / PEFT (target: <= 0.8).
 
@@ -67,16 +70,15 @@ def layer_steps(ours: Llama, peft_model, batch: int, seq: int):
 
 
 def model_steps(ours: Llama, peft_model, batch: int, seq: int):
+    """A training step's forward + backward, each through its library's own next-token loss:
+    loralite's fused head + cross-entropy (``labels=``), transformers' ``labels=`` loss over full logits."""
     ids = torch.randint(0, ours.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    loss = torch.nn.functional.cross_entropy
 
     def ours_step():
-        logits = ours(ids)
-        loss(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+        ours(ids, labels=ids).backward()
 
     def peft_step():
-        logits = peft_model(input_ids=ids).logits
-        loss(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+        peft_model(input_ids=ids, labels=ids).loss.backward()
 
     return ours_step, peft_step
 

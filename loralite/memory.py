@@ -1,16 +1,17 @@
 """How much memory a LoRA / QLoRA training step needs, by part, before running it.
 
-The peak of a training step (``zero_grad(set_to_none=True)`` between steps, logits not kept
-after the loss) is
+The peak of a training step as ``loralite train`` takes it (the loss from ``model(ids,
+labels=...)``, fused with the output head; ``zero_grad(set_to_none=True)`` between steps) is
 
     peak = weights + adapters + optimizer states + max(activations + temporary,
                                                         gradients + optimizer temporaries)
 
 *weights* are the frozen base (NF4 bytes from ``nf4_nbytes`` for quantized linears, ``dtype``
 for the rest), *adapters* the trainable LoRA A/B, *activations* what autograd saves for the
-backward pass at the end of the forward, and *temporary* the largest short-lived buffers of the
-backward pass: the gradient of the logits and the log-probabilities in float32, or one
-dequantized weight plus a few (tokens, intermediate) gradients inside a layer. Gradients grow as
+backward pass at the end of the forward, and *temporary* the largest short-lived buffers: one
+chunk of float32 logits inside the fused loss (``loralite.loss``; over an adapted or quantized
+head, the gradients of all logits and log-probabilities), or one dequantized weight plus a few
+(tokens, intermediate) gradients inside a layer. Gradients grow as
 activations are released, so they peak separately, when the optimizer steps.
 
 Every count comes from a model built on ``torch.device("meta")`` with the same ``add_lora`` call a
@@ -37,7 +38,8 @@ from torch.utils._pytree import tree_leaves
 
 from loralite import nf4
 from loralite import optim as _optim
-from loralite.llama import Llama, LlamaConfig
+from loralite.llama import Linear, Llama, LlamaConfig
+from loralite.loss import chunk_tokens
 from loralite.lora import LoraConfig, LoraLinear, add_lora, trainable_parameters
 from loralite.optim import OPTIMIZERS, AdamW8bit
 from loralite.quantize import Linear4bit, NF4Config, _skipped
@@ -217,15 +219,42 @@ def _layer_activations(config: LlamaConfig, layer: nn.Module, s: _Shape, grad_in
     return total, mlp_live
 
 
+def _fused_loss(model: nn.Module) -> bool:
+    """Whether ``model(ids, labels=...)`` takes the fused head + cross-entropy (a plain head)."""
+    return type(model.lm_head) is Linear and model.lm_head.bias is None
+
+
+def _loss_saved(config: LlamaConfig, model: nn.Module, s: _Shape, live: bool) -> int:
+    """What the loss saves for backward. Fused (``loralite.loss``): the gradients it already
+    computed, d(hidden) (N, D) and, for a trained head, float32 d(weight) (V, D). Otherwise the
+    float32 log-probabilities (N, V) and the int64 targets."""
+    if not _fused_loss(model):
+        return s.N * config.vocab_size * 4 + s.N * 8
+    trained_head = model.lm_head.weight.requires_grad
+    return (s.N * config.hidden_size * s.e if live else 0) + (model.lm_head.weight.numel() * 4 if trained_head else 0)
+
+
 def _tail_activations(config: LlamaConfig, model: nn.Module, s: _Shape, live: bool) -> int:
     """Saved outside the layers: RoPE cos/sin (shared by all layers), the final RMSNorm, an
-    adapted lm_head's input, the float32 log-probabilities (N, V) and the int64 targets."""
-    total = 2 * s.B * s.T * config.head_dim * s.e + s.N * config.vocab_size * 4 + s.N * 8
+    adapted lm_head's input, and the loss's tensors (``_loss_saved``)."""
+    total = 2 * s.B * s.T * config.head_dim * s.e + _loss_saved(config, model, s, live)
     if live:
         total += s.N * config.hidden_size * 4 + s.N * 4
     if isinstance(model.lm_head, LoraLinear):
         total += s.N * config.hidden_size * s.e + _lora_saved(model.lm_head, s, True, live)
     return total
+
+
+def _loss_temporary(config: LlamaConfig, model: nn.Module, s: _Shape) -> int:
+    """Largest short-lived buffers of the loss. Fused: its input, the final norm's output (N, D);
+    one chunk's float32 logits (c, V), beside their 16-bit matmul output or input when the head is
+    16-bit; that chunk's d(hidden) (c, D) and the (N,) targets. Otherwise float32 d(log-probs)
+    and d(logits), (N, V) each."""
+    V, D = config.vocab_size, config.hidden_size
+    if not _fused_loss(model):
+        return 8 * s.N * V
+    c = min(s.N, chunk_tokens(V))
+    return s.N * D * s.e + c * V * (4 + (s.e if s.e < 4 else 0)) + c * D * s.e + s.N * 8
 
 
 def _largest_dequantized(model: nn.Module, bits: tuple[int, ...] = (16, 32)) -> int:
@@ -276,7 +305,7 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
         saved, live = _layer_activations(config, layer, s, live)
         per_layer.append(saved)
     tail = _tail_activations(config, model, s, live)
-    N, D, I, V = s.N, config.hidden_size, config.intermediate_size, config.vocab_size
+    N, D, I = s.N, config.hidden_size, config.intermediate_size
     # Backward through a layer's down_proj: its dense weight, d(gate*up) from the base and the
     # adapter (N, I) each, and d(output) (N, D); the log-probs and final norm are released by then.
     layer_temp = _largest_dequantized(model) + 2 * N * I * e + N * D * e
@@ -285,8 +314,9 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     # On CPU that dense weight lives in a workspace kept between matmuls (loralite.ops), so it is
     # also there while the loss is computed and while the optimizer steps.
     workspace = _largest_dequantized(model) if device == "cpu" else 0
-    released = N * V * 4 + (N * D * 4 + N * 4 if live else 0)
-    kept = tail - released  # RoPE tables and targets, until the end of the backward pass
+    # the loss's and the final norm's saved tensors go first in backward
+    released = _loss_saved(config, model, s, live) + (N * D * 4 + N * 4 if live else 0)
+    kept = tail - released  # RoPE tables (and unfused targets), until the end of the backward pass
     if gradient_checkpointing:
         activations = config.num_hidden_layers * N * D * e + tail  # each layer's input
         first = activations - released + per_layer[-1] + layer_temp  # the last layer, recomputed
@@ -297,7 +327,7 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     own = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters() if p.requires_grad)
     last = kept + N * D * e + per_layer[0] + layer_temp + adapters - own
     layer_phase = max(first, last)
-    loss_phase = activations + 8 * N * V + workspace  # float32 d(log-probs) and d(logits)
+    loss_phase = activations + _loss_temporary(config, model, s) + workspace
     temporary = max(loss_phase, layer_phase) - activations
     static = _weight_bytes(model) + adapters + states
     total = static + max(activations + temporary, adapters + optim_temp + workspace)
@@ -306,10 +336,10 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
         weights=_weight_bytes(model), adapters=adapters, gradients=adapters, optimizer_states=states,
         activations=activations, temporary=temporary, total=total,
         trainable_parameters=trainable, total_parameters=all_params,
-        explanations=_explanations(config, quant, optim, gradient_checkpointing, s, loss_phase >= layer_phase))
+        explanations=_explanations(config, model, quant, optim, gradient_checkpointing, s, loss_phase >= layer_phase))
 
 
-def _explanations(config, quant, optim, checkpointing, s: _Shape, loss_dominates: bool) -> dict:
+def _explanations(config, model, quant, optim, checkpointing, s: _Shape, loss_dominates: bool) -> dict:
     base = (f"NF4 blocksize {quant.blocksize}{' + double quant' if quant.double_quant else ''} for the "
             f"quantized linears, {s.e}-byte elements for embeddings, norms and {', '.join(quant.skip_modules)}"
             if quant is not None else f"every frozen parameter at {s.e} bytes")
@@ -324,7 +354,8 @@ def _explanations(config, quant, optim, checkpointing, s: _Shape, loss_dominates
                             "8-bit exp_avg + exp_avg_sq with a float32 scale per block (float32 below "
                             f"{_ADAMW8BIT_DEFAULTS['min_8bit_size']} elements)",
         "activations": f"{kind}; N = {s.B} x {s.T} tokens",
-        "temporary": "float32 gradients of the log-probabilities and logits (2 x N x V x 4 bytes)"
+        "temporary": ("float32 logits of one chunk of tokens in the fused loss (loralite.loss)"
+                      if _fused_loss(model) else "float32 gradients of the log-probabilities and logits (2 x N x V x 4 bytes)")
                      if loss_dominates else "one dequantized weight and the SwiGLU gradients (N, I) of a layer",
         "total": "peak = weights + adapters + optimizer states + max(activations + temporary, "
                  "gradients + optimizer step scratch)",
