@@ -106,7 +106,7 @@ class _Dropout(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
         (keep,) = ctx.saved_tensors
-        return torch.ops.aten.native_dropout_backward(grad, keep, ctx.scale), None
+        return ops.dropout_backward(grad, keep, ctx.scale), None
 
 
 def _dropout(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -14,7 +14,8 @@ Decoding on CPU (no autograd) has fast paths in ``loralite._C`` beside each refe
 memory bandwidth (everything else is ``F.linear``); ``rms_norm``, ``rotary`` and, for one query
 per sequence, ``attention`` each take one call instead of the reference's chain of small aten
 ops, which at batch 1 cost as much as the weight reads. ``dropout`` draws LoRA's dropout masks with
-``loralite._C``'s counter-based ``dropout`` on CPU, ``torch.native_dropout`` elsewhere.
+``loralite._C``'s counter-based ``dropout`` on CPU, ``torch.native_dropout`` elsewhere, and
+``dropout_backward`` applies them in one pass (``native_dropout_backward`` elsewhere).
 
 ``LORALITE_KERNELS`` overrides the choice: ``reference`` forces the reference (for debugging);
 ``triton`` forces the Triton kernels, also on CPU tensors under ``TRITON_INTERPRET=1`` (for
@@ -66,6 +67,7 @@ def _load_extension() -> bool:
     if hasattr(torch.ops.loralite, "dropout"):
         torch.library.register_fake("loralite::dropout")(
             lambda x, p, seed: (torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)))
+        torch.library.register_fake("loralite::dropout_backward")(lambda grad, keep, scale: torch.empty_like(grad))
     if hasattr(torch.ops.loralite, "nf4_gemv"):
         torch.library.register_fake("loralite::nf4_gemv")(
             lambda x, data, absmax, nested_absmax, nested_code, offset, code, n, k, blocksize:
@@ -150,6 +152,7 @@ def _cpu_op(name: str):
 
 _CPU_GEMV = _cpu_op("gemv")
 _CPU_DROPOUT = _cpu_op("dropout")
+_CPU_DROPOUT_BACKWARD = _cpu_op("dropout_backward")
 _CPU_RMS_NORM = _cpu_op("rms_norm")
 _CPU_ROTARY = _cpu_op("rotary")
 _CPU_DECODE_ATTENTION = _cpu_op("decode_attention")
@@ -255,6 +258,14 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return _CPU_DROPOUT(x, p, seed)
     return torch.native_dropout(x, p, True)
+
+
+def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
+    """The gradient of ``dropout``: ``grad * keep * scale`` with ``scale = 1 / (1 - p)``."""
+    if (_CPU_DROPOUT_BACKWARD is not None and grad.is_cpu and grad.dtype in _FLOAT_DTYPES
+            and _mode() == "auto" and not torch.compiler.is_compiling()):
+        return _CPU_DROPOUT_BACKWARD(grad, keep, scale)
+    return torch.ops.aten.native_dropout_backward(grad, keep, scale)
 
 
 def release_workspaces() -> None:

@@ -50,7 +50,7 @@ def _cpu_operator(name: str):
     with the flags setup.py uses (OpenMP included)."""
     if not hasattr(torch.ops.loralite, name):
         source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp",
-                         "rms_norm": "decode_cpu.cpp", "rotary": "decode_cpu.cpp",
+                         "dropout_backward": "dropout_cpu.cpp", "rms_norm": "decode_cpu.cpp", "rotary": "decode_cpu.cpp",
                          "decode_attention": "decode_cpu.cpp"}[name]
         cxx = os.environ.get("CXX", "c++")
         library = _cached_build(source.stem + ".so", [source, *CSRC.glob("*.h")], lambda out: [
@@ -173,6 +173,39 @@ def test_cpu_gemv_rejects_bad_inputs(gemv_op):
         gemv_op(x.half(), w.half(), None)
     with pytest.raises(RuntimeError, match="bias"):
         gemv_op(x, w, torch.randn(3))
+
+
+def _splitmix64(z: int) -> int:
+    """SplitMix64 in Python integers: the reference for the operator's random bits."""
+    mask = 2**64 - 1
+    z = (z + 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return z ^ (z >> 31)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_dropout_masks_are_splitmix64_of_the_index(dtype):
+    """Element 2j keeps when the low 32 bits of splitmix64(seed + j) reach p * 2^32, element 2j + 1
+    on the high 32 bits: the vector (eight at a time) and scalar paths give these same bits."""
+    op = _cpu_operator("dropout")
+    seed, p, n = 987654321, 0.3, 1001  # odd: the last pair has one element
+    _, keep = op(torch.randn(n).to(dtype), p, seed)
+    expected = []
+    for j in range((n + 1) // 2):
+        bits = _splitmix64(seed + j)
+        expected += [(bits & 0xFFFFFFFF) >= round(p * 2**32), (bits >> 32) >= round(p * 2**32)]
+    assert keep.tolist() == expected[:n]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_dropout_backward_equals_aten(dtype):
+    op = _cpu_operator("dropout_backward")
+    grad = torch.randn(7, 1003).to(dtype)  # 7021 elements: vector steps and a scalar tail
+    keep = torch.rand(7, 1003) > 0.2
+    assert torch.equal(op(grad, keep, 1 / 0.8), torch.ops.aten.native_dropout_backward(grad, keep, 1 / 0.8))
+    with pytest.raises(RuntimeError, match="bool mask"):
+        op(grad, keep[:, :-1], 1.25)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
