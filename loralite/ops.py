@@ -207,18 +207,37 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+class _Rotary(torch.autograd.Function):
+    """``loralite._C``'s rotary with its gradient. y = x cos + R(x) sin, with R = rotate_half
+    and Rᵀ = -R, so dx = dy cos - R(dy sin); sin repeats its first half in its second (the angles
+    of a RoPE table are), so R(dy sin) = R(dy) sin and dx = rotary(dy, cos, -sin), one call."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(cos, sin)
+        return _CPU_ROTARY(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        cos, sin = ctx.saved_tensors
+        return _CPU_ROTARY(dy, cos, -sin), None, None
+
+
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding (Su et al., 2021): ``x * cos + rotate_half(x) * sin``.
 
     Args:
         x: (B, T, H, hd) queries or keys, one row per head.
-        cos, sin: (B, T, hd) of each token's angles, shared by all heads, in x's dtype.
+        cos, sin: (B, T, hd) of each token's angles, shared by all heads, in x's dtype; each
+            repeats its first half in its second, as RoPE tables do.
 
-    On CPU without autograd ``loralite._C``'s operator computes it in one call, bit for bit.
+    On CPU ``loralite._C``'s operator computes it in one call, bit for bit, and its gradient in
+    another (``_Rotary``; the tables themselves take no gradient).
     """
-    if (cos.dtype == x.dtype and sin.dtype == x.dtype and x.dtype in _FLOAT_DTYPES
-            and _cpu_inference(_CPU_ROTARY, x, cos, sin)):
-        return _CPU_ROTARY(x, cos, sin)
+    if (_CPU_ROTARY is not None and x.is_cpu and cos.dtype == x.dtype and sin.dtype == x.dtype
+            and x.dtype in _FLOAT_DTYPES and not (cos.requires_grad or sin.requires_grad)
+            and not torch.compiler.is_compiling() and _mode() == "auto"):
+        return _CPU_ROTARY(x, cos, sin) if _needs_no_grad(x) else _Rotary.apply(x, cos, sin)
     cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
     return x * cos + rotate_half(x) * sin
 

@@ -111,8 +111,8 @@ def _recording(monkeypatch, name: str) -> list:
 
 @pytest.mark.skipif(ops._CPU_DECODE_ATTENTION is None, reason="loralite._C was not built with the decode operators")
 def test_decode_ops_run_only_for_inference_and_compute_the_reference(monkeypatch):
-    """rms_norm, rotary and one-query attention take loralite._C without autograd on CPU, else the
-    reference; both paths agree."""
+    """rms_norm and one-query attention take loralite._C without autograd on CPU, else the
+    reference (rotary takes it either way, with its own backward); both paths agree."""
     monkeypatch.delenv("LORALITE_KERNELS", raising=False)
     calls = {name: _recording(monkeypatch, name) for name in ("_CPU_RMS_NORM", "_CPU_ROTARY", "_CPU_DECODE_ATTENTION")}
     torch.manual_seed(0)
@@ -130,11 +130,37 @@ def test_decode_ops_run_only_for_inference_and_compute_the_reference(monkeypatch
     assert [len(c) for c in calls.values()] == [1, 1, 2]
     for t in (x, q):
         t.requires_grad_()
-    slow = run()  # autograd: the reference ops
-    assert [len(c) for c in calls.values()] == [1, 1, 2]
+    slow = run()  # autograd: the reference ops, and rotary's autograd Function
+    assert [len(c) for c in calls.values()] == [1, 2, 2]
     assert fast[2].shape == fast[3].shape == (2, 4, 1, 8)
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         ops.attention(torch.randn(2, 4, 3, 8), kv, kv, mask)  # 3 queries (a prompt): SDPA
     assert len(calls["_CPU_DECODE_ATTENTION"]) == 2
+
+
+@pytest.mark.skipif(ops._CPU_ROTARY is None, reason="loralite._C was not built with the rotary operator")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_gradient_through_the_operator_equals_the_reference(monkeypatch, dtype):
+    """With autograd, ops.rotary runs loralite._C forward and backward; values and x's gradient
+    equal autograd through the reference ops (bit for bit in float32)."""
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    calls = _recording(monkeypatch, "_CPU_ROTARY")
+    torch.manual_seed(0)
+    angles = torch.rand(2, 5, 8) * 10
+    angles = torch.cat((angles, angles), dim=-1)  # (B, T, hd): a RoPE table repeats its halves
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    x = torch.randn(2, 5, 3, 16).to(dtype).requires_grad_()
+    dy = torch.randn(2, 5, 3, 16).to(dtype)
+    y = ops.rotary(x, cos, sin)
+    (grad,) = torch.autograd.grad(y, x, dy)
+    assert len(calls) == 2  # forward and backward
+    monkeypatch.setenv("LORALITE_KERNELS", "reference")
+    y_ref = ops.rotary(x, cos, sin)
+    (grad_ref,) = torch.autograd.grad(y_ref, x, dy)
+    assert torch.equal(y, y_ref)
+    if dtype == torch.float32:
+        assert torch.equal(grad, grad_ref)
+    else:  # the reference rounds dy * sin before rotating it, the operator rotates dy first
+        torch.testing.assert_close(grad, grad_ref, rtol=2**-7, atol=2**-7)
