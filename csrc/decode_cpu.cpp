@@ -1,7 +1,7 @@
 // The small steps of a decoded token on the CPU, each one torch operator:
 //
 //   rms_norm(x, w, eps)      y = w * round(x / sqrt(mean(x^2) + eps))   x: (..., D), w: (D,)
-//   rotary(x, cos, sin)      y = x * cos + rotate_half(x) * sin         x: (B, T, H, hd), cos, sin: (B, T, hd)
+//   rotary(x, cos, sin)      y = x * cos + rotate_half(x) * sin         x: (B, T, H, hd), cos, sin: (B or 1, T, hd)
 //   decode_attention(q, k, v, mask, scale)
 //                            y = softmax(scale * q k^T) v               q: (B, 1, H, hd), k, v: (B, Hkv, S, hd)
 //
@@ -98,12 +98,14 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
 // ---------------------------------------------------------------------------------------------
 // rotary
 
+// Positions pos = b * T + t in [first, last); cos and sin hold one table for all b when shared.
 template <typename T>
-void rotary_rows(const T* x, const T* cos, const T* sin, int64_t heads, int64_t hd, int64_t first, int64_t last,
-                 T* y) {
+void rotary_rows(const T* x, const T* cos, const T* sin, int64_t seq, bool shared, int64_t heads, int64_t hd,
+                 int64_t first, int64_t last, T* y) {
   const int64_t half = hd / 2;
-  for (int64_t pos = first; pos < last; ++pos) {  // pos = b * T + t
-    const T *c = cos + pos * hd, *s = sin + pos * hd;
+  for (int64_t pos = first; pos < last; ++pos) {
+    const int64_t row = shared ? pos % seq : pos;
+    const T *c = cos + row * hd, *s = sin + row * hd;
     for (int64_t h = 0; h < heads; ++h) {
       const T* xr = x + (pos * heads + h) * hd;
       T* yr = y + (pos * heads + h) * hd;
@@ -121,8 +123,11 @@ void rotary_rows(const T* x, const T* cos, const T* sin, int64_t heads, int64_t 
 at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "rotary: x must be (B, T, H, hd) with hd even, got ", x.sizes());
   const auto expected = std::vector<int64_t>{x.size(0), x.size(1), x.size(3)};
-  TORCH_CHECK(cos.sizes() == expected && sin.sizes() == expected, "rotary: cos and sin must be (B, T, hd) = ",
-              expected, ", got ", cos.sizes(), " and ", sin.sizes());
+  const bool shared = cos.dim() == 3 && cos.size(0) == 1 && x.size(0) != 1;  // one table for every sequence
+  auto table = expected;
+  if (shared) table[0] = 1;
+  TORCH_CHECK(cos.sizes() == table && sin.sizes() == table, "rotary: cos and sin must be (B, T, hd) = ", expected,
+              " or (1, T, hd), got ", cos.sizes(), " and ", sin.sizes());
   TORCH_CHECK(cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type(),
               "rotary: cos and sin must have x's dtype");
   const at::Tensor xs = x.contiguous(), cs = cos.contiguous(), ss = sin.contiguous();
@@ -132,7 +137,8 @@ at::Tensor rotary(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& 
     using T = std::remove_pointer_t<decltype(tag)>;
     const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(heads * hd, 1));
     at::parallel_for(0, positions, grain, [&](int64_t a, int64_t b) {
-      rotary_rows<T>(xs.data_ptr<T>(), cs.data_ptr<T>(), ss.data_ptr<T>(), heads, hd, a, b, y.data_ptr<T>());
+      rotary_rows<T>(xs.data_ptr<T>(), cs.data_ptr<T>(), ss.data_ptr<T>(), x.size(1), shared, heads, hd, a, b,
+                     y.data_ptr<T>());
     });
   });
   return y;

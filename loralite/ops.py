@@ -228,7 +228,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
     Args:
         x: (B, T, H, hd) queries or keys, one row per head.
-        cos, sin: (B, T, hd) of each token's angles, shared by all heads, in x's dtype; each
+        cos, sin: (B, T, hd) of each token's angles (or (1, T, hd), shared by every sequence),
+            the same for all heads, in x's dtype; each
             repeats its first half in its second, as RoPE tables do.
 
     On CPU ``loralite._C``'s operator computes it in one call, bit for bit, and its gradient in

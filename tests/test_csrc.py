@@ -257,6 +257,8 @@ def test_cpu_rotary_equals_the_reference_bitwise(monkeypatch, dtype, B, T, H, hd
     angles = torch.rand(B, T, hd) * 100
     cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
     assert torch.equal(op(x, cos, sin), _reference(monkeypatch, ops.rotary, x, cos, sin))
+    one, two = cos[:1], sin[:1]  # (1, T, hd): one table for every sequence
+    assert torch.equal(op(x, one, two), _reference(monkeypatch, ops.rotary, x, one, two))
     with pytest.raises(RuntimeError, match="cos and sin must be"):
         op(x, cos[..., :-2], sin[..., :-2])
     with pytest.raises(RuntimeError, match="hd even"):
