@@ -14,7 +14,7 @@
 // Rounding follows the PyTorch references in loralite/ops.py. rms_norm and rotary compute in
 // float32 and round to the tensor's dtype exactly where the references do (build flag
 // -ffp-contract=off: no fused multiply-adds), so rotary is bit-identical and rms_norm differs
-// only in the order of the mean's sum. decode_attention accumulates in float32, as torch's CPU
+// only in the order and precision of the mean's sum (double here). decode_attention accumulates in float32, as torch's CPU
 // flash attention does, in its own order. The CPU-dependent part is the attention's dot
 // products and weighted sums: AVX2/FMA where the CPU has it (checked at run time), plain loops
 // elsewhere.
@@ -162,25 +162,11 @@ void axpy_scalar(float p, const T* b, int64_t n, float* acc) {
 }
 
 #ifdef LORALITE_HAVE_AVX2_PATH
-LORALITE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-LORALITE_AVX2 inline __m256 load8(const c10::BFloat16* p) {  // a bfloat16 is the top half of a float32
-  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
-}
-
-LORALITE_AVX2 inline __m256 load8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-
 template <typename T>
 LORALITE_AVX2 float dot_avx2(const float* a, const T* b, int64_t n) {  // n % 8 == 0
   __m256 acc = _mm256_setzero_ps();
   for (int64_t i = 0; i < n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), acc);
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
+  return horizontal_sum(acc);
 }
 
 template <typename T>
@@ -228,7 +214,8 @@ void attend_one(const T* q, const T* k, const T* v, KVStrides ks, KVStrides vs, 
 #endif
     axpy_scalar<T>(p, vj, hd, acc);
   }
-  for (int64_t i = 0; i < hd; ++i) y[i] = round_to<T>(acc[i] / total);  // total 0 (all masked): NaN, as torch
+  // every key masked: 0, as torch's SDPA gives since 2.5 (not 0 / 0)
+  for (int64_t i = 0; i < hd; ++i) y[i] = round_to<T>(total > 0.0f ? acc[i] / total : 0.0f);
 }
 
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

@@ -29,7 +29,6 @@
 
 #include "cpu_features.h"
 
-
 namespace loralite {
 namespace {
 
@@ -54,21 +53,6 @@ void rows_scalar(const float* x, const W* w, int64_t k, float* sums) {
 }
 
 #ifdef LORALITE_HAVE_AVX2_PATH
-LORALITE_AVX2 inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-
-// 8 bfloat16 -> 8 float32: a bfloat16 is the top half of a float32.
-LORALITE_AVX2 inline __m256 load8(const c10::BFloat16* p) {
-  const __m128i halves = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(halves), 16));
-}
-
-LORALITE_AVX2 inline float horizontal_sum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 template <typename W, int M>
 LORALITE_AVX2 void rows_avx2(const float* x, const W* w, int64_t k, float* sums) {
   __m256 acc[M][2];

@@ -20,8 +20,9 @@
 //     are then interleaved into 16-bit values;
 //   * float32: the table is two 8-float registers, and `vpermps` picks from both by the low
 //     3 bits of each nibble, a blend by its high bit.
-// The table itself is built with vector multiplies and the same round-to-nearest-even as
-// c10's BFloat16 and Half; blocks with a non-finite scale take the scalar path, so even NaN
+// The table itself is built with vector multiplies (never fused into an FMA: the vector code may
+// use FMA instructions, and -ffp-contract=off keeps the compiler from forming them) and the
+// same round-to-nearest-even as c10's BFloat16 and Half; blocks with a non-finite scale take the scalar path, so even NaN
 // encodings match the reference.
 //
 // The schema lives here; csrc/nf4_gemv_binding.cpp adds the CUDA GEMV when it is built.

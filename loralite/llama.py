@@ -305,6 +305,9 @@ class Llama(nn.Module):
                 cross-entropy (float32 scalar) instead of logits, through
                 ``loss.linear_cross_entropy`` when the head is a plain linear: no (B, T, V) logits.
         """
+        if labels is not None and (last_only or cache is not None):
+            raise ValueError("Llama.forward: labels (training loss) cannot be combined with last_only or "
+                             "cache (decoding); pass one or the other")
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         device = input_ids.device

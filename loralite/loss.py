@@ -15,7 +15,7 @@ linear cross-entropy):
 The forward pass computes both per chunk and keeps ∂L/∂h (the size of the hidden states);
 backward only scales it by the incoming gradient. Numerically it is
 ``F.cross_entropy(F.linear(h, W).float(), y, reduction="sum")``, with the matmuls in the
-same dtypes (autocast included).
+same dtypes (autocast included); only ∂L/∂W, when W trains, sums its chunks in float32.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                chunk: int) -> torch.Tensor:
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+                chunk: int, grad_enabled: bool) -> torch.Tensor:
+        # needs_input_grad says requires_grad, not whether autograd records (torch.no_grad evaluation)
+        want_h, want_w = (grad_enabled and ctx.needs_input_grad[i] for i in (0, 1))
         grad_h = torch.empty_like(hidden) if want_h else None  # (N, D)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -59,7 +60,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             dz = e.div_(total)  # softmax(z)
             dz[torch.arange(len(y), device=y.device), y] -= 1
-            dz.mul_(keep[:, None])  # (c, V) = ∂L/∂z
+            dz.masked_fill_(~keep[:, None], 0)  # (c, V) = ∂L/∂z (an ignored row's inf or NaN included)
             if want_h:
                 grad_h[start:start + chunk] = dz.to(weight.dtype) @ weight
             if want_w:
@@ -72,7 +73,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss if grad_h is not None else None,
-                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None)
+                (grad_w * grad_loss).to(ctx.weight_dtype) if grad_w is not None else None, None, None, None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -92,4 +93,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
                          f"{tuple(hidden.shape)} and {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: labels must be ({hidden.shape[0]},), got {tuple(labels.shape)}")
-    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk or chunk_tokens(weight.shape[0]))
+    return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, chunk or chunk_tokens(weight.shape[0]),
+                                     torch.is_grad_enabled())

@@ -35,6 +35,7 @@ import threading
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from loralite.nf4 import NF4Tensor
 
@@ -76,7 +77,6 @@ def _load_extension() -> bool:
 
 
 HAS_EXTENSION = _load_extension()
-HAS_CPU_GEMV = HAS_EXTENSION and hasattr(torch.ops.loralite, "gemv")
 
 
 def _mode() -> str:
@@ -164,12 +164,17 @@ def _needs_no_grad(*tensors: torch.Tensor | None) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
-def _cpu_inference(op, x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether the C++ operator ``op`` may compute on ``x`` and ``tensors``: it was built, they are on
-    CPU, no gradient is needed, ``LORALITE_KERNELS`` is unset or ``auto``, and torch.compile is not
-    tracing. These checks run for every linear, norm and attention of a decoded token: cheapest first."""
-    return (op is not None and x.is_cpu and _needs_no_grad(x, *tensors) and not torch.compiler.is_compiling()
+def _cpu_op_runs(op, x: torch.Tensor) -> bool:
+    """Whether the C++ operator ``op`` may compute on ``x``: it was built, x is a CPU tensor of a
+    float dtype, ``LORALITE_KERNELS`` is unset or ``auto``, and torch.compile is not tracing."""
+    return (op is not None and x.is_cpu and x.dtype in _FLOAT_DTYPES and not torch.compiler.is_compiling()
             and _mode() == "auto")
+
+
+def _cpu_inference(op, x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """``_cpu_op_runs``, and no gradient is needed for ``x`` or ``tensors``. These checks run for
+    every linear, norm and attention of a decoded token: cheapest first."""
+    return op is not None and x.is_cpu and _needs_no_grad(x, *tensors) and _cpu_op_runs(op, x)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -194,7 +199,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     Llama. On CPU without autograd, with x and weight of one dtype, ``loralite._C``'s operator
     computes the same in one call.
     """
-    if x.dtype == weight.dtype and x.dtype in _FLOAT_DTYPES and _cpu_inference(_CPU_RMS_NORM, x, weight):
+    if x.dtype == weight.dtype and _cpu_inference(_CPU_RMS_NORM, x, weight):
         return _CPU_RMS_NORM(x, weight, eps)
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -218,6 +223,7 @@ class _Rotary(torch.autograd.Function):
         return _CPU_ROTARY(x, cos, sin)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy: torch.Tensor):
         cos, sin = ctx.saved_tensors
         return _CPU_ROTARY(dy, cos, -sin), None, None
@@ -235,9 +241,8 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     On CPU ``loralite._C``'s operator computes it in one call, bit for bit, and its gradient in
     another (``_Rotary``; the tables themselves take no gradient).
     """
-    if (_CPU_ROTARY is not None and x.is_cpu and cos.dtype == x.dtype and sin.dtype == x.dtype
-            and x.dtype in _FLOAT_DTYPES and not (cos.requires_grad or sin.requires_grad)
-            and not torch.compiler.is_compiling() and _mode() == "auto"):
+    if (cos.dtype == x.dtype and sin.dtype == x.dtype and not (cos.requires_grad or sin.requires_grad)
+            and _cpu_op_runs(_CPU_ROTARY, x)):
         return _CPU_ROTARY(x, cos, sin) if _needs_no_grad(x) else _Rotary.apply(x, cos, sin)
     cos, sin = cos[:, :, None], sin[:, :, None]  # (B, T, 1, hd)
     return x * cos + rotate_half(x) * sin
@@ -256,8 +261,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     ``loralite._C``'s ``decode_attention``; everything else ``F.scaled_dot_product_attention``.
     """
     B, H, T, hd = q.shape
-    if (T == 1 and q.dtype == k.dtype == v.dtype and q.dtype in _FLOAT_DTYPES
-            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4))
+    if (T == 1 and q.dtype == k.dtype == v.dtype
+            and (mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1))
             and k.stride(-1) == 1 and v.stride(-1) == 1 and _cpu_inference(_CPU_DECODE_ATTENTION, q, k, v)):
         keep = None if mask is None else mask.expand(B, 1, 1, k.shape[2]).reshape(B, -1)  # (B, S)
         y = _CPU_DECODE_ATTENTION(q.transpose(1, 2), k, v, keep, 1.0 / math.sqrt(hd))  # (B, 1, H, hd)
@@ -273,8 +278,7 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
     the mask comes from its counter-based operator, seeded from torch's generator (so
     ``torch.manual_seed`` reproduces it); elsewhere from ``torch.native_dropout``.
     """
-    if (_CPU_DROPOUT is not None and x.is_cpu and x.dtype in _FLOAT_DTYPES
-            and _mode() == "auto" and not torch.compiler.is_compiling()):
+    if _cpu_op_runs(_CPU_DROPOUT, x):
         seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return _CPU_DROPOUT(x, p, seed)
     return torch.native_dropout(x, p, True)
@@ -282,8 +286,7 @@ def dropout(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
 
 def dropout_backward(grad: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
     """The gradient of ``dropout``: ``grad * keep * scale`` with ``scale = 1 / (1 - p)``."""
-    if (_CPU_DROPOUT_BACKWARD is not None and grad.is_cpu and grad.dtype in _FLOAT_DTYPES
-            and _mode() == "auto" and not torch.compiler.is_compiling()):
+    if _cpu_op_runs(_CPU_DROPOUT_BACKWARD, grad):
         return _CPU_DROPOUT_BACKWARD(grad, keep, scale)
     return torch.ops.aten.native_dropout_backward(grad, keep, scale)
 

@@ -189,8 +189,13 @@ def test_cpu_dropout_masks_are_splitmix64_of_the_index(dtype):
     """Element 2j keeps when the low 32 bits of splitmix64(seed + j) reach p * 2^32, element 2j + 1
     on the high 32 bits: the vector (eight at a time) and scalar paths give these same bits."""
     op = _cpu_operator("dropout")
-    seed, p, n = 987654321, 0.3, 1001  # odd: the last pair has one element
-    _, keep = op(torch.randn(n).to(dtype), p, seed)
+    seed, p, n = 987654321, 0.3, 3 * 32768 + 1  # odd: the last pair has one element; > 1 task of 16384 pairs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # tasks start past pair 0: their counters must too
+    try:
+        _, keep = op(torch.randn(n).to(dtype), p, seed)
+    finally:
+        torch.set_num_threads(threads)
     expected = []
     for j in range((n + 1) // 2):
         bits = _splitmix64(seed + j)
@@ -278,12 +283,15 @@ def test_cpu_decode_attention_matches_sdpa(dtype, B, H, Hkv, S, hd, masked):
     k, v = k_cache[:, :, :S], v_cache[:, :, :S]  # (B, Hkv, S, hd), not contiguous
     keep = torch.rand(B, S) > 0.3 if masked else None
     if keep is not None:
-        keep[:, -1] = True  # every row attends to at least its own token
+        keep[:, -1] = True  # rows attend to at least their own token ...
+        keep[0] = False  # a row that may see nothing: 0, as SDPA gives
     y = op(q, k, v, keep, hd**-0.5)
     assert y.dtype == dtype and y.shape == (B, 1, H, hd)
     mask = None if keep is None else keep[:, None, None, :]
     expected = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2).double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True).transpose(1, 2)
+    if keep is not None:
+        assert y[0].abs().sum() == 0 and expected[0].abs().sum() == 0
     # float32: sums of S terms; 16-bit: one rounding of the output
     tolerance = 1e-5 if dtype == torch.float32 else 2**-8 if dtype == torch.float16 else 2**-7
     torch.testing.assert_close(y.double(), expected, rtol=tolerance, atol=tolerance)

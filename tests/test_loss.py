@@ -106,3 +106,16 @@ def test_llama_labels_give_transformers_loss_and_lora_gradients(tied):
     F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum").backward()
     for a, p in zip(fused_grads, lora):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_no_grad_evaluation_makes_no_gradients_and_bad_combinations_are_refused():
+    hidden, weight, labels = inputs()
+    with torch.no_grad(), TensorMemoryTracker() as tracker:
+        loss = linear_cross_entropy(hidden, weight, labels)
+    torch.testing.assert_close(loss, reference(hidden, weight, labels).detach(), rtol=1e-5, atol=1e-6)
+    assert tracker.peak < weight.numel() * 4  # no float32 d(weight), no d(hidden)
+    model = ll.Llama(ll.LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                    num_attention_heads=2))
+    ids = torch.randint(0, 50, (1, 4))
+    with pytest.raises(ValueError, match="last_only"):
+        model(ids, labels=ids, last_only=True)
