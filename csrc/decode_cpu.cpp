@@ -250,8 +250,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k, const at::
     const T *qp = qs.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const bool* mp = m.has_value() ? m->data_ptr<bool>() : nullptr;
-    // Tasks of at least ~32k multiply-adds: smaller problems (short contexts) stay on one thread.
-    const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(keys * hd, 1));
+    // Tasks of at least ~128k multiply-adds (about 30 us): below that, waking a thread costs more
+    // than it saves, so short contexts stay on the calling thread.
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(keys * hd, 1));
     at::parallel_for(0, batch * heads, grain, [&](int64_t first, int64_t last) {
       std::vector<float> query(hd), scores(keys), acc(hd);
       for (int64_t task = first; task < last; ++task) {

@@ -3,6 +3,8 @@
 //   y[m, n] = sum_k x[m, k] * W[n, k] + bias[n]      x: (M, K), W: (N, K), M <= 4
 //
 // x may carry leading dimensions, (..., K) holding M rows; y then has them too, (..., N).
+// loralite::gemv_group takes several weights of the same K for one x (a layer's q, k and v) and
+// streams them all in one parallel pass.
 //
 // At batch 1 a decoded token takes one row through every weight of the model, so decoding is
 // bound by how fast the weights stream from memory. torch's matmul for a single row reads them
@@ -25,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_features.h"
@@ -96,62 +99,111 @@ void gemv_range(const float* x, const T* w, const float* bias, int64_t k, int64_
   }
 }
 
+// One weight of a group: W (n, K), its float32 bias or null, and its output (M, n).
 template <typename T>
-void gemv_typed(const at::Tensor& x, const at::Tensor& weight, const float* bias, at::Tensor& out) {
-  const int64_t rows = x.size(0), k = x.size(1), n = weight.size(0);
+struct Product {
+  const T* weight;
+  const float* bias;
+  int64_t n;
+  T* out;
+};
+
+// y_p = x W_p^T + b_p for every product p of the group, in one parallel pass over all their rows
+// (the q, k and v projections of a layer, say): one wake of the threads instead of one per weight.
+template <typename T>
+void gemv_typed(const at::Tensor& x, const std::vector<Product<T>>& products) {
+  const int64_t rows = x.size(0), k = x.size(1);
   // x widened to float32 once (a few KiB), on the stack of this call rather than through aten.
   std::vector<float> widened(rows * k);
   const T* x_data = x.data_ptr<T>();
   for (int64_t i = 0; i < rows * k; ++i) widened[i] = widen(x_data[i]);
   const float* xs = widened.data();
-  const T* w = weight.data_ptr<T>();
-  T* y = out.data_ptr<T>();
+  std::vector<int64_t> starts{0};  // product p owns rows [starts[p], starts[p + 1]) of the group
+  for (const auto& p : products) starts.push_back(starts.back() + p.n);
   // Tasks of at least 64 KiB of weights: enough to pay for waking a thread.
   const int64_t grain = std::max<int64_t>(1, 65536 / (k * static_cast<int64_t>(sizeof(T))));
-  at::parallel_for(0, n, grain, [&](int64_t first, int64_t last) {
-    switch (rows) {
-      case 1: gemv_range<T, 1>(xs, w, bias, k, n, first, last, y); break;
-      case 2: gemv_range<T, 2>(xs, w, bias, k, n, first, last, y); break;
-      case 3: gemv_range<T, 3>(xs, w, bias, k, n, first, last, y); break;
-      default: gemv_range<T, 4>(xs, w, bias, k, n, first, last, y); break;
+  at::parallel_for(0, starts.back(), grain, [&](int64_t first, int64_t last) {
+    for (size_t i = 0; i < products.size(); ++i) {
+      const Product<T>& p = products[i];
+      const int64_t lo = std::max(first, starts[i]) - starts[i], hi = std::min(last, starts[i + 1]) - starts[i];
+      if (lo >= hi) continue;
+      switch (rows) {
+        case 1: gemv_range<T, 1>(xs, p.weight, p.bias, k, p.n, lo, hi, p.out); break;
+        case 2: gemv_range<T, 2>(xs, p.weight, p.bias, k, p.n, lo, hi, p.out); break;
+        case 3: gemv_range<T, 3>(xs, p.weight, p.bias, k, p.n, lo, hi, p.out); break;
+        default: gemv_range<T, 4>(xs, p.weight, p.bias, k, p.n, lo, hi, p.out); break;
+      }
     }
   });
 }
 
-// x: (..., K) with M = x.numel() / K rows; returns (..., N).
-at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && x.size(-1) == weight.size(1) && weight.size(1) > 0,
-              "gemv: x must be (..., K) and weight (N, K), got ", x.sizes(), " and ", weight.sizes());
+// x: (..., K) with M = x.numel() / K rows; weights[i]: (N_i, K); returns [(..., N_i)].
+std::vector<at::Tensor> gemv_group(const at::Tensor& x, at::TensorList weights,
+                                   const std::vector<std::optional<at::Tensor>>& biases) {
+  TORCH_CHECK(!weights.empty() && weights.size() == biases.size(),
+              "gemv_group: give one bias (or None) per weight, and at least one weight");
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) > 0, "gemv: x must be (..., K), got ", x.sizes());
   const int64_t rows = x.numel() / x.size(-1);
   TORCH_CHECK(rows >= 1 && rows <= kMaxRows, "gemv takes 1 to ", kMaxRows, " rows, got ", rows);
-  const auto dtype = weight.scalar_type();
+  const auto dtype = x.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "gemv: weight must be float32 or bfloat16, not ",
-              dtype);
-  TORCH_CHECK(x.scalar_type() == dtype && weight.is_contiguous(),
-              "gemv: x must have the weight's dtype and the weight must be contiguous");
-  const at::Tensor xs = x.contiguous().view({rows, x.size(-1)});
-  std::optional<at::Tensor> b;
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), "gemv: bias must be (N,), got ",
-                bias->sizes());
-    b = bias->to(at::kFloat).contiguous();
+              weights[0].scalar_type());
+  std::vector<at::Tensor> outs, float_biases;
+  for (size_t i = 0; i < weights.size(); ++i) {
+    const at::Tensor& w = weights[i];
+    TORCH_CHECK(w.dim() == 2 && w.size(1) == x.size(-1), "gemv: x must be (..., K) and weight (N, K), got ",
+                x.sizes(), " and ", w.sizes());
+    TORCH_CHECK(w.scalar_type() == dtype && w.is_contiguous(),
+                "gemv: x must have the weight's dtype and the weight must be contiguous");
+    if (biases[i].has_value()) {
+      TORCH_CHECK(biases[i]->dim() == 1 && biases[i]->size(0) == w.size(0), "gemv: bias must be (N,), got ",
+                  biases[i]->sizes());
+      float_biases.push_back(biases[i]->to(at::kFloat).contiguous());
+    } else {
+      float_biases.emplace_back();
+    }
+    outs.push_back(at::empty({rows, w.size(0)}, w.options()));
   }
-  at::Tensor out = at::empty({rows, weight.size(0)}, weight.options());
-  const float* bias_data = b.has_value() ? b->data_ptr<float>() : nullptr;
+  const at::Tensor xs = x.contiguous().view({rows, x.size(-1)});
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    std::vector<Product<T>> products;
+    for (size_t i = 0; i < weights.size(); ++i) {
+      products.push_back({weights[i].data_ptr<T>(),
+                          float_biases[i].defined() ? float_biases[i].data_ptr<float>() : nullptr,
+                          weights[i].size(0), outs[i].data_ptr<T>()});
+    }
+    gemv_typed<T>(xs, products);
+  };
   if (dtype == at::kFloat) {
-    gemv_typed<float>(xs, weight, bias_data, out);
+    run(static_cast<float*>(nullptr));
   } else {
-    gemv_typed<c10::BFloat16>(xs, weight, bias_data, out);
+    run(static_cast<c10::BFloat16*>(nullptr));
   }
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = weight.size(0);
-  return out.view(shape);
+  for (auto& out : outs) {
+    shape.back() = out.size(1);
+    out = out.view(shape);
+  }
+  return outs;
+}
+
+at::Tensor gemv(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2, "gemv: x must be (..., K) and weight (N, K), got ", x.sizes(), " and ",
+              weight.sizes());
+  return gemv_group(x, {weight}, {bias})[0];
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(loralite, m) { m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(loralite, m) {
+  m.def("gemv(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.def("gemv_group(Tensor x, Tensor[] weights, Tensor?[] biases) -> Tensor[]");
+}
 
-TORCH_LIBRARY_IMPL(loralite, CPU, m) { m.impl("gemv", &gemv); }
+TORCH_LIBRARY_IMPL(loralite, CPU, m) {
+  m.impl("gemv", &gemv);
+  m.impl("gemv_group", &gemv_group);
+}
 
 }  // namespace loralite

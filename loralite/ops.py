@@ -60,6 +60,9 @@ def _load_extension() -> bool:
     if hasattr(torch.ops.loralite, "gemv"):
         torch.library.register_fake("loralite::gemv")(
             lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
+    if hasattr(torch.ops.loralite, "gemv_group"):
+        torch.library.register_fake("loralite::gemv_group")(
+            lambda x, weights, biases: [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights])
     if hasattr(torch.ops.loralite, "rms_norm"):
         torch.library.register_fake("loralite::rms_norm")(lambda x, weight, eps: torch.empty_like(x))
         torch.library.register_fake("loralite::rotary")(lambda x, cos, sin: torch.empty_like(x))
@@ -151,6 +154,7 @@ def _cpu_op(name: str):
 
 
 _CPU_GEMV = _cpu_op("gemv")
+_CPU_GEMV_GROUP = _cpu_op("gemv_group")
 _CPU_DROPOUT = _cpu_op("dropout")
 _CPU_DROPOUT_BACKWARD = _cpu_op("dropout_backward")
 _CPU_RMS_NORM = _cpu_op("rms_norm")
@@ -177,19 +181,29 @@ def _cpu_inference(op, x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return op is not None and x.is_cpu and _needs_no_grad(x, *tensors) and _cpu_op_runs(op, x)
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``; decoding-sized products on CPU take the C++ GEMV.
-
-    The GEMV runs for x of 1 to 4 rows in the weight's dtype (float32 or bfloat16), a contiguous
-    weight, and the conditions of ``_cpu_inference``.
-    """
+def _gemv_takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether ``x @ weight.T + bias`` takes the C++ GEMV: x of 1 to 4 rows in the weight's dtype
+    (float32 or bfloat16), a contiguous weight, and the conditions of ``_cpu_inference``."""
     k = x.shape[-1]
     rows = x.numel() // k if k else 0
-    if (0 < rows <= CPU_GEMV_MAX_ROWS and x.dtype == weight.dtype and x.dtype in _GEMV_DTYPES
+    return (0 < rows <= CPU_GEMV_MAX_ROWS and x.dtype == weight.dtype and x.dtype in _GEMV_DTYPES
             and (bias is None or bias.dtype == x.dtype) and weight.is_contiguous()
-            and _cpu_inference(_CPU_GEMV, x, weight, bias)):
+            and _cpu_inference(_CPU_GEMV, x, weight, bias))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``; decoding-sized products on CPU take the C++ GEMV."""
+    if _gemv_takes(x, weight, bias):
         return _CPU_GEMV(x, weight, bias)  # (..., out)
     return F.linear(x, weight, bias)
+
+
+def linears(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """``[linear(x, w, b) for w, b in zip(weights, biases)]``; when every product takes the GEMV,
+    one ``gemv_group`` call streams all the weights in one parallel pass (one wake of the threads)."""
+    if _CPU_GEMV_GROUP is not None and all(_gemv_takes(x, w, b) for w, b in zip(weights, biases)):
+        return _CPU_GEMV_GROUP(x, weights, biases)
+    return [linear(x, w, b) for w, b in zip(weights, biases)]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -49,7 +49,7 @@ def _cpu_operator(name: str):
     """torch.ops.loralite.<name>, from the installed extension or compiled here from csrc/<source>
     with the flags setup.py uses (OpenMP included)."""
     if not hasattr(torch.ops.loralite, name):
-        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp",
+        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp", "gemv_group": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp",
                          "dropout_backward": "dropout_cpu.cpp", "rms_norm": "decode_cpu.cpp", "rotary": "decode_cpu.cpp",
                          "decode_attention": "decode_cpu.cpp"}[name]
         cxx = os.environ.get("CXX", "c++")
@@ -161,6 +161,24 @@ def test_cpu_gemv_keeps_leading_dimensions(gemv_op):
     y = gemv_op(x, w, None)
     assert y.shape == (2, 1, 24)
     torch.testing.assert_close(y, x @ w.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_gemv_group_equals_one_gemv_per_weight(dtype):
+    """A layer's q, k, v in one pass: the same numbers as one call per weight, biases or not."""
+    op, single = _cpu_operator("gemv_group"), _cpu_operator("gemv")
+    torch.manual_seed(7)
+    x = torch.randn(2, 1, 96).to(dtype)
+    weights = [torch.randn(n, 96).to(dtype) for n in (64, 16, 16, 1)]
+    biases = [torch.randn(64).to(dtype), None, torch.randn(16).to(dtype), None]
+    outs = op(x, weights, biases)
+    assert [tuple(y.shape) for y in outs] == [(2, 1, 64), (2, 1, 16), (2, 1, 16), (2, 1, 1)]
+    for y, w, b in zip(outs, weights, biases):
+        assert torch.equal(y, single(x, w, b))
+    with pytest.raises(RuntimeError, match="one bias"):
+        op(x, weights, biases[:-1])
+    with pytest.raises(RuntimeError, match=r"\(N, K\)"):
+        op(x, [weights[0], torch.randn(4, 95).to(dtype)], [None, None])
 
 
 def test_cpu_gemv_rejects_bad_inputs(gemv_op):

@@ -164,3 +164,28 @@ def test_rotary_gradient_through_the_operator_equals_the_reference(monkeypatch, 
         assert torch.equal(grad, grad_ref)
     else:  # the reference rounds dy * sin before rotating it, the operator rotates dy first
         torch.testing.assert_close(grad, grad_ref, rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.skipif(ops._CPU_GEMV_GROUP is None, reason="loralite._C was not built with gemv_group")
+def test_llama_project_groups_plain_linears_only_while_decoding(monkeypatch):
+    """llama.project: one gemv_group call for plain Linears without autograd; module calls (and so
+    their hooks, LoRA and autograd) otherwise; the same numbers either way."""
+    from loralite.llama import Linear, project
+
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    calls = _recording(monkeypatch, "_CPU_GEMV_GROUP")
+    torch.manual_seed(0)
+    linears = [Linear(32, n, bias=n == 8) for n in (16, 8, 8)]
+    x = torch.randn(1, 1, 32)
+    expected = [m(x).detach() for m in linears]  # autograd on: module calls
+    assert calls == []
+    with torch.no_grad():
+        grouped = project(x, *linears)
+        assert len(calls) == 1
+        seen = []
+        linears[1].register_forward_hook(lambda *args: seen.append(1))
+        hooked = project(x, *linears)  # a hook must run: module calls
+    assert len(calls) == 1 and seen == [1]
+    for a, b, c in zip(grouped, hooked, expected):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
