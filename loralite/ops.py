@@ -11,9 +11,11 @@ matmul; the fast paths compute the same numbers:
 
 Decoding on CPU (no autograd) has fast paths in ``loralite._C`` beside each reference here:
 ``linear`` sends products of 1 to 4 rows to ``gemv``, which streams each weight once at close to
-memory bandwidth (everything else is ``F.linear``); ``rms_norm``, ``rotary`` and, for one query
-per sequence, ``attention`` each take one call instead of the reference's chain of small aten
-ops, which at batch 1 cost as much as the weight reads. ``dropout`` draws LoRA's dropout masks with
+memory bandwidth (everything else is ``F.linear``), and ``linears`` several weights of one input
+to ``gemv_group`` in one pass; ``rms_norm``, ``rotary`` and, for one query per sequence,
+``attention`` each take one call instead of the reference's chain of small aten ops, which at
+batch 1 cost as much as the weight reads. ``rotary`` keeps its operator under autograd too, with
+a backward of one more call. ``dropout`` draws LoRA's dropout masks with
 ``loralite._C``'s counter-based ``dropout`` on CPU, ``torch.native_dropout`` elsewhere, and
 ``dropout_backward`` applies them in one pass (``native_dropout_backward`` elsewhere).
 
@@ -21,7 +23,7 @@ ops, which at batch 1 cost as much as the weight reads. ``dropout`` draws LoRA's
 ``triton`` forces the Triton kernels, also on CPU tensors under ``TRITON_INTERPRET=1`` (for
 tests). On the ``cpp`` path the matmuls dequantize into a per-thread workspace that is kept
 between calls: a fresh tensor of that size would cost more in first-touch page faults than the
-decode itself. It holds one dense weight, the largest seen, in each compute dtype. These
+decode itself. It holds one dense weight, the largest seen, in each compute dtype. The NF4
 functions are not differentiable themselves: ``Linear4bit``'s autograd Function
 calls ``nf4_matmul`` forward and ``nf4_matmul_t`` for the input gradient.
 """
