@@ -6,7 +6,7 @@ without the extension, and ``loralite.ops`` falls back to the reference path. Bu
 
     pip install --no-build-isolation -e .
 
-``loralite._C`` holds the CPU operators ``nf4_dequantize``, ``dropout`` and, for decoding, ``gemv``,
+``loralite._C`` holds the CPU operators ``nf4_quantize``, ``nf4_dequantize``, ``dropout`` and, for decoding, ``gemv``,
 ``rms_norm``, ``rotary`` and ``decode_attention``; when torch has CUDA and nvcc is on the PATH,
 also the CUDA NF4 GEMV ``nf4_gemv``. ``LORALITE_BUILD_EXTENSION=0`` skips the build.
 """
@@ -44,8 +44,8 @@ def _extension_build():
     except ImportError:
         _warn_skip("torch is not importable at build time")
         return [], {}
-    sources = ["csrc/module.cpp", "csrc/nf4_cpu.cpp", "csrc/gemv_cpu.cpp", "csrc/dropout_cpu.cpp",
-               "csrc/decode_cpu.cpp"]
+    sources = ["csrc/module.cpp", "csrc/nf4_cpu.cpp", "csrc/nf4_quantize_cpu.cpp", "csrc/gemv_cpu.cpp",
+               "csrc/dropout_cpu.cpp", "csrc/decode_cpu.cpp"]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None \
         and shutil.which("nvcc") is not None
     if with_cuda:

@@ -110,12 +110,31 @@ def _block_absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.
     return absmax, scaled
 
 
+def _midpoints(sorted_code: torch.Tensor) -> torch.Tensor:
+    """(15,) float32 decision boundaries between consecutive sorted codes."""
+    return (sorted_code[:-1] + sorted_code[1:]) / 2
+
+
 def _nearest_4bit(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code of each value in [-1, 1]; a tie goes to the smaller code."""
     order = torch.argsort(code, stable=True)  # sorted position -> nibble (identity for NF4)
-    sorted_code = code[order]
-    midpoints = (sorted_code[:-1] + sorted_code[1:]) / 2  # (15,) decision boundaries
-    return order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
+    return order[torch.bucketize(scaled, _midpoints(code[order]))].to(torch.uint8)
+
+
+def _quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: (absmax float32 per block, packed uint8 codes) of the 1-D ``flat``.
+
+    Whole blocks, ~4M elements at a time, so the float32 temporaries stay small (16 MB each)
+    however large the weight: quantizing while loading a 7B model must not spike.
+    """
+    chunk = blocksize * max(1, _CHUNK_ELEMENTS // blocksize)
+    absmax_parts, data_parts = [], []
+    for start in range(0, flat.numel(), chunk):
+        absmax, scaled = _block_absmax_and_scaled(flat[start:start + chunk].float(), blocksize)
+        codes = _nearest_4bit(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), code)  # odd: pad 0.0
+        absmax_parts.append(absmax)
+        data_parts.append(_pack_nibbles(codes))
+    return torch.cat(absmax_parts), torch.cat(data_parts)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -175,18 +194,15 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, qu
     if w.dtype not in FLOAT_DTYPES:
         raise ValueError(f"quantize expects a float32/float16/bfloat16 tensor, got {w.dtype}")
     flat = w.detach().reshape(-1)
-    # Whole blocks, ~4M elements at a time, so the float32 temporaries stay small (16 MB
-    # each) however large the weight: quantizing while loading a 7B model must not spike.
-    chunk = blocksize * max(1, _CHUNK_ELEMENTS // blocksize)
-    absmax_parts, data_parts = [], []
-    for start in range(0, flat.numel(), chunk):
-        absmax, scaled = _block_absmax_and_scaled(flat[start:start + chunk].float(), blocksize)
-        codes = _nearest_4bit(torch.nn.functional.pad(scaled, (0, scaled.numel() % 2)), code)  # odd: pad 0.0
-        absmax_parts.append(absmax)
-        data_parts.append(_pack_nibbles(codes))
-    absmax = torch.cat(absmax_parts)
+    from loralite import ops  # ops imports this module: the dispatch is looked up at call time
+
+    if ops.quantize_in_cpp(flat):  # the same arithmetic in one C++ pass (csrc/nf4_quantize_cpu.cpp)
+        order = torch.argsort(code, stable=True)
+        absmax, data = ops.nf4_quantize(flat, blocksize, _midpoints(code[order]), order)
+    else:
+        absmax, data = _quantize_blocks(flat, blocksize, code)
     q = NF4Tensor(
-        data=torch.cat(data_parts), absmax=absmax, nested_absmax=None, nested_code=None, offset=0.0,
+        data=data, absmax=absmax, nested_absmax=None, nested_code=None, offset=0.0,
         code=code.to(w.device), shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
     )
     if double_quant:

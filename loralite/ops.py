@@ -6,7 +6,7 @@ matmul; the fast paths compute the same numbers:
 | tensors | path | dequantize | matmuls |
 | --- | --- | --- | --- |
 | CUDA | ``triton`` | ``loralite.kernels.nf4_dequantize`` | ``loralite.kernels.nf4_matmul{,_t}``; ``loralite._C``'s GEMV for x @ W.T with M <= 8 rows |
-| CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` | its dense weight (in a kept workspace), then ``torch.matmul``; 16-bit input gradients on a transposed copy |
+| CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` (and ``nf4_quantize`` for quantizing) | its dense weight (in a kept workspace), then ``torch.matmul``; 16-bit input gradients on a transposed copy |
 | otherwise | ``reference`` | ``q.dequantize`` | its dense weight, then ``torch.matmul`` |
 
 Decoding on CPU (no autograd) has fast paths in ``loralite._C`` beside each reference here:
@@ -62,6 +62,10 @@ def _load_extension() -> bool:
     if hasattr(torch.ops.loralite, "gemv"):
         torch.library.register_fake("loralite::gemv")(
             lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])))
+    if hasattr(torch.ops.loralite, "nf4_quantize"):
+        torch.library.register_fake("loralite::nf4_quantize")(
+            lambda w, blocksize, midpoints, order: (w.new_empty((-(-w.numel() // blocksize),), dtype=torch.float32),
+                                                    w.new_empty(((w.numel() + 1) // 2,), dtype=torch.uint8)))
     if hasattr(torch.ops.loralite, "gemv_group"):
         torch.library.register_fake("loralite::gemv_group")(
             lambda x, weights, biases: [x.new_empty((*x.shape[:-1], w.shape[0])) for w in weights])
@@ -135,6 +139,17 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor
     return dense if out is None else out.copy_(dense)
 
 
+def quantize_in_cpp(flat: torch.Tensor) -> bool:
+    """Whether ``nf4.quantize`` takes ``loralite._C``'s ``nf4_quantize`` for ``flat`` (the ``cpp`` path)."""
+    return _CPU_NF4_QUANTIZE is not None and flat.dtype in _FLOAT_DTYPES and _path(flat) == "cpp"
+
+
+def nf4_quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor,
+                 order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``loralite._C``'s one-pass quantizer: (absmax float32 per block, packed uint8 codes)."""
+    return _CPU_NF4_QUANTIZE(flat, blocksize, midpoints, order)
+
+
 _workspaces = threading.local()  # .buffers: {dtype: flat CPU tensor}, per thread
 
 
@@ -155,6 +170,7 @@ def _cpu_op(name: str):
     return getattr(torch.ops.loralite, name).default if HAS_EXTENSION and hasattr(torch.ops.loralite, name) else None
 
 
+_CPU_NF4_QUANTIZE = _cpu_op("nf4_quantize")
 _CPU_GEMV = _cpu_op("gemv")
 _CPU_GEMV_GROUP = _cpu_op("gemv_group")
 _CPU_DROPOUT = _cpu_op("dropout")

@@ -49,7 +49,7 @@ def _cpu_operator(name: str):
     """torch.ops.loralite.<name>, from the installed extension or compiled here from csrc/<source>
     with the flags setup.py uses (OpenMP included)."""
     if not hasattr(torch.ops.loralite, name):
-        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "gemv": "gemv_cpu.cpp", "gemv_group": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp",
+        source = CSRC / {"nf4_dequantize": "nf4_cpu.cpp", "nf4_quantize": "nf4_quantize_cpu.cpp", "gemv": "gemv_cpu.cpp", "gemv_group": "gemv_cpu.cpp", "dropout": "dropout_cpu.cpp",
                          "dropout_backward": "dropout_cpu.cpp", "rms_norm": "decode_cpu.cpp", "rotary": "decode_cpu.cpp",
                          "decode_attention": "decode_cpu.cpp"}[name]
         cxx = os.environ.get("CXX", "c++")
@@ -104,6 +104,32 @@ def test_cpu_dequantize_non_finite_scales_match_the_reference(dequantize_op):
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         torch.testing.assert_close(_run(dequantize_op, q, dtype), q.dequantize(dtype), rtol=0, atol=0,
                                    equal_nan=True)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize, shape", [(64, (96, 160)), (64, (33, 65)), (128, (7, 99)), (4096, (3, 5000)),
+                                              (32, (1, 1)), (256, (300, 256))])
+def test_cpu_quantize_equals_the_reference_bitwise(monkeypatch, blocksize, shape, quant_type):
+    """nf4.quantize through loralite._C and through the reference: the same bytes, every dtype,
+    odd counts and partial last blocks, zero blocks, inf and NaN included."""
+    _cpu_operator("nf4_quantize")
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    torch.manual_seed(blocksize + shape[1])
+    w = torch.randn(shape) * torch.logspace(-3, 2, shape[1])
+    w.view(-1)[: blocksize] = 0.0  # a whole zero block
+    broken = w.clone()  # non-finite weights: plain absmax only (8-bit double quant needs finite scales)
+    if w.numel() > 3 * blocksize:
+        broken.view(-1)[blocksize + 3], broken.view(-1)[2 * blocksize + 5] = float("inf"), float("nan")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for x, double_quant in ((w.to(dtype), True), (broken.to(dtype), False)):
+            assert ops.quantize_in_cpp(x.reshape(-1)) == ops.HAS_EXTENSION
+            fast = nf4.quantize(x, blocksize, double_quant=double_quant, quant_type=quant_type)
+            with monkeypatch.context() as patch:
+                patch.setenv("LORALITE_KERNELS", "reference")
+                ref = nf4.quantize(x, blocksize, double_quant=double_quant, quant_type=quant_type)
+            assert torch.equal(fast.data, ref.data), (dtype, double_quant)
+            torch.testing.assert_close(fast.absmax, ref.absmax, rtol=0, atol=0, equal_nan=True)
+            assert fast.offset == ref.offset
 
 
 def test_cpu_dequantize_out_variant_writes_into_the_buffer(dequantize_op):
