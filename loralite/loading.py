@@ -183,7 +183,10 @@ def assign_checked(model: Llama, tensors, dtype, device, source: str, quant: NF4
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         layer = _quantized_owner(model, key) if quant is not None else None
         if layer is not None and key.endswith(".weight"):
-            layer.weight = nf4.quantize(t, quant.blocksize, quant.double_quant, quant.quant_type)
+            try:
+                layer.weight = nf4.quantize(t, quant.blocksize, quant.double_quant, quant.quant_type)
+            except ValueError as error:
+                raise CheckpointError(f"{path}: {key!r}: {error}") from error
         elif layer is not None:
             layer.bias = torch.nn.Parameter(t, requires_grad=False)
         else:

@@ -206,6 +206,10 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, qu
         code=code.to(w.device), shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,
     )
     if double_quant:
+        if not absmax.is_meta and not bool(torch.isfinite(absmax).all()):
+            bad = int((~torch.isfinite(absmax)).sum())
+            raise ValueError(f"quantize: {bad} of {absmax.numel()} blocks of this weight hold inf or NaN; double "
+                             "quantization needs finite block scales: fix the weight, or use double_quant=False")
         offset = absmax.mean()  # float32, as bitsandbytes computes it
         absmax_codes, nested_absmax = _quantize_8bit_dynamic(absmax - offset)
         q = dataclasses.replace(

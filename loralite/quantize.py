@@ -215,5 +215,8 @@ def quantize_model(model: nn.Module, config: NF4Config = NF4Config()) -> nn.Modu
         if isinstance(module, nn.Linear) and not _skipped(name, config.skip_modules):
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
-            setattr(parent, child, Linear4bit.from_linear(module, config))
+            try:
+                setattr(parent, child, Linear4bit.from_linear(module, config))
+            except ValueError as error:
+                raise ValueError(f"quantize_model: {name!r}: {error}") from error
     return model

@@ -206,3 +206,13 @@ def test_quantize_model_refuses_a_model_with_lora():
     ll.add_lora(model, ll.LoraConfig(r=4, alpha=8, target_modules=["0"]))
     with pytest.raises(ValueError, match="'0' already carries LoRA adapters"):
         ll.quantize_model(model, ll.NF4Config())
+
+
+def test_non_finite_weights_are_refused_with_the_module_name_under_double_quant():
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight[3, 5] = float("nan")
+    wrapper = torch.nn.Module()
+    wrapper.body = model
+    with pytest.raises(ValueError, match=r"'body.1'.*1 of 64 blocks.*inf or NaN.*double_quant=False"):
+        quantize_model(wrapper, NF4Config())
