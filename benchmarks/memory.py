@@ -72,16 +72,17 @@ def _build(name: str, method: str, device, dtype):
         model = ll.Llama(config).to(dtype)
     quant = ll.NF4Config(compute_dtype=dtype) if method == "qlora" else None
     templates = {}
-    for module_name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and quant is not None and module_name != "lm_head":
-            shape = tuple(module.weight.shape)
-            if shape not in templates:
-                templates[shape] = nf4.quantize(torch.randn(shape, device=device, dtype=dtype) * 0.02)
-            t = templates[shape]
-            q = dataclasses.replace(t, data=t.data.clone(), absmax=t.absmax.clone(),
-                                    nested_absmax=t.nested_absmax.clone())
-            parent, _, child = module_name.rpartition(".")
-            setattr(model.get_submodule(parent), child, ll.Linear4bit(q, None, quant.compute_dtype))
+
+    def cloned_template(module_name, linear):
+        shape = tuple(linear.weight.shape)
+        if shape not in templates:
+            templates[shape] = nf4.quantize(torch.randn(shape, device=device, dtype=dtype) * 0.02)
+        t = templates[shape]
+        q = dataclasses.replace(t, data=t.data.clone(), absmax=t.absmax.clone(), nested_absmax=t.nested_absmax.clone())
+        return ll.Linear4bit(q, None, quant.compute_dtype)
+
+    if quant is not None:
+        ll.quantize_model(model, quant, make=cloned_template)
     templates.clear()
     model.to_empty(device=device)
     with torch.no_grad():

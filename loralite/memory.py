@@ -42,7 +42,7 @@ from loralite.llama import Linear, Llama, LlamaConfig
 from loralite.loss import chunk_tokens
 from loralite.lora import LoraConfig, LoraLinear, add_lora, trainable_parameters
 from loralite.optim import OPTIMIZERS, AdamW8bit
-from loralite.quantize import Linear4bit, NF4Config, _skipped
+from loralite.quantize import Linear4bit, NF4Config, quantize_model
 
 _ADAMW8BIT_DEFAULTS = {k: v.default for k, v in inspect.signature(AdamW8bit).parameters.items()}
 PARTS = ("weights", "adapters", "gradients", "optimizer_states", "activations", "temporary")
@@ -110,11 +110,8 @@ def meta_model(config: LlamaConfig, lora: LoraConfig | None, quant: NF4Config | 
         model = Llama(config).to(dtype)
     model.requires_grad_(False)
     if quant is not None:  # quantize_model's replacement, without computing any codes
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and not _skipped(name, quant.skip_modules):
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child,
-                        Linear4bit(_meta_nf4(module.weight.shape, quant), module.bias, quant.compute_dtype))
+        quantize_model(model, quant, make=lambda name, linear: Linear4bit(
+            _meta_nf4(linear.weight.shape, quant), linear.bias, quant.compute_dtype))
     if lora is not None:
         add_lora(model, lora)
     return model

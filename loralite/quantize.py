@@ -9,6 +9,8 @@ Its ``state_dict`` is the bitsandbytes 4-bit layout Hugging Face checkpoints use
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import dataclasses
 
 import torch
@@ -199,12 +201,19 @@ def _skipped(name: str, skip_modules: tuple[str, ...]) -> bool:
     return name in skip_modules or any(part in skip_modules for part in name.split("."))
 
 
-def quantize_model(model: nn.Module, config: NF4Config = NF4Config()) -> nn.Module:
+def quantize_model(model: nn.Module, config: NF4Config = NF4Config(),
+                   make: Callable[[str, nn.Linear], Linear4bit] | None = None) -> nn.Module:
     """Replace, in place, every ``nn.Linear`` of ``model`` not named in ``config.skip_modules`` by a ``Linear4bit``.
 
     Each layer is quantized and its dense weight released before the next, so peak memory
     grows by one layer at most. Returns ``model``.
+
+    Args:
+        make: builds the ``Linear4bit`` for ``(name, linear)``; by default
+            ``Linear4bit.from_linear(linear, config)``. The memory estimator passes one that
+            makes meta-device codes, without computing any.
     """
+    make = make or (lambda name, linear: Linear4bit.from_linear(linear, config))
     if isinstance(model, nn.Linear):
         raise ValueError("quantize_model replaces linears inside a model; for a bare nn.Linear use Linear4bit.from_linear")
     for name, module in model.named_modules():
@@ -216,7 +225,7 @@ def quantize_model(model: nn.Module, config: NF4Config = NF4Config()) -> nn.Modu
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name)
             try:
-                setattr(parent, child, Linear4bit.from_linear(module, config))
+                setattr(parent, child, make(name, module))
             except ValueError as error:
                 raise ValueError(f"quantize_model: {name!r}: {error}") from error
     return model
