@@ -36,20 +36,10 @@
 #include <vector>
 
 #include "cpu_features.h"
+#include "dispatch.h"
 
 namespace loralite {
 namespace {
-
-// Calls fn with a null pointer of the C++ type of a float32, bfloat16 or float16 tensor.
-template <typename Fn>
-void dispatch_float(at::ScalarType dtype, const char* op, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(static_cast<float*>(nullptr)); break;
-    case at::kBFloat16: fn(static_cast<c10::BFloat16*>(nullptr)); break;
-    case at::kHalf: fn(static_cast<c10::Half*>(nullptr)); break;
-    default: TORCH_CHECK(false, op, ": tensors must be float32, bfloat16 or float16, not ", dtype);
-  }
-}
 
 // float -> T, rounded to nearest even (the identity for float).
 template <typename T>

@@ -35,6 +35,7 @@
 #include <type_traits>
 
 #include "cpu_features.h"
+#include "dispatch.h"
 
 namespace loralite {
 namespace {
@@ -116,9 +117,6 @@ void dropout_typed(const T* x, int64_t numel, uint64_t threshold, float scale, u
 
 std::tuple<at::Tensor, at::Tensor> dropout(const at::Tensor& x, double p, int64_t seed) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout: p must be in [0, 1), got ", p);
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
-              "dropout takes float32, bfloat16 or float16, not ", dtype);
   const at::Tensor xs = x.contiguous();
   at::Tensor y = at::empty_like(xs);
   at::Tensor keep = at::empty(xs.sizes(), xs.options().dtype(at::kBool));
@@ -126,18 +124,10 @@ std::tuple<at::Tensor, at::Tensor> dropout(const at::Tensor& x, double p, int64_
   const uint64_t threshold = static_cast<uint64_t>(std::llround(p * 4294967296.0));
   const float scale = static_cast<float>(1.0 / (1.0 - p));
   const auto s = static_cast<uint64_t>(seed);
-  bool* k = keep.data_ptr<bool>();
-  switch (dtype) {
-    case at::kFloat:
-      dropout_typed(xs.data_ptr<float>(), xs.numel(), threshold, scale, s, y.data_ptr<float>(), k);
-      break;
-    case at::kBFloat16:
-      dropout_typed(xs.data_ptr<c10::BFloat16>(), xs.numel(), threshold, scale, s, y.data_ptr<c10::BFloat16>(), k);
-      break;
-    default:
-      dropout_typed(xs.data_ptr<c10::Half>(), xs.numel(), threshold, scale, s, y.data_ptr<c10::Half>(), k);
-      break;
-  }
+  dispatch_float(xs.scalar_type(), "dropout", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dropout_typed(xs.data_ptr<T>(), xs.numel(), threshold, scale, s, y.data_ptr<T>(), keep.data_ptr<bool>());
+  });
   return {y, keep};
 }
 
@@ -174,21 +164,11 @@ at::Tensor dropout_backward(const at::Tensor& grad, const at::Tensor& keep, doub
               "dropout_backward: keep must be a bool mask of grad's shape ", grad.sizes(), ", got ", keep.sizes());
   const at::Tensor g = grad.contiguous(), k = keep.contiguous();
   at::Tensor out = at::empty_like(g);
-  const auto f = static_cast<float>(scale);
-  switch (g.scalar_type()) {
-    case at::kFloat:
-      dropout_backward_typed(g.data_ptr<float>(), k.data_ptr<bool>(), g.numel(), f, out.data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      dropout_backward_typed(g.data_ptr<c10::BFloat16>(), k.data_ptr<bool>(), g.numel(), f,
-                             out.data_ptr<c10::BFloat16>());
-      break;
-    case at::kHalf:
-      dropout_backward_typed(g.data_ptr<c10::Half>(), k.data_ptr<bool>(), g.numel(), f, out.data_ptr<c10::Half>());
-      break;
-    default:
-      TORCH_CHECK(false, "dropout_backward takes float32, bfloat16 or float16, not ", g.scalar_type());
-  }
+  dispatch_float(g.scalar_type(), "dropout_backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dropout_backward_typed(g.data_ptr<T>(), k.data_ptr<bool>(), g.numel(), static_cast<float>(scale),
+                           out.data_ptr<T>());
+  });
   return out;
 }
 

@@ -40,6 +40,7 @@
 #include <type_traits>
 
 #include "cpu_features.h"
+#include "dispatch.h"
 
 namespace loralite {
 namespace {
@@ -264,19 +265,10 @@ at::Tensor& nf4_dequantize_out(const at::Tensor& data, const at::Tensor& absmax,
   }
   const uint8_t* bytes = data.data_ptr<uint8_t>();
   const float* codebook = code.data_ptr<float>();
-  switch (dtype) {
-    case at::kFloat:
-      dequantize_into(bytes, scales, codebook, blocksize, numel, out.data_ptr<float>());
-      break;
-    case at::kBFloat16:
-      dequantize_into(bytes, scales, codebook, blocksize, numel, out.data_ptr<c10::BFloat16>());
-      break;
-    case at::kHalf:
-      dequantize_into(bytes, scales, codebook, blocksize, numel, out.data_ptr<c10::Half>());
-      break;
-    default:
-      TORCH_CHECK(false, "nf4_dequantize writes float32, bfloat16 or float16, not ", dtype);
-  }
+  dispatch_float(dtype, "nf4_dequantize", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dequantize_into(bytes, scales, codebook, blocksize, numel, out.data_ptr<T>());
+  });
   return out;
 }
 

@@ -27,6 +27,9 @@
 #include <cstdint>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+
+#include "dispatch.h"
 
 namespace loralite {
 namespace {
@@ -88,7 +91,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& w, int64_t blo
   const int64_t n = flat.numel(), blocks = (n + blocksize - 1) / blocksize;
   at::Tensor absmax = at::empty({blocks}, w.options().dtype(at::kFloat));
   at::Tensor data = at::empty({(n + 1) / 2}, w.options().dtype(at::kByte));
-  auto run = [&](auto* tag) {
+  dispatch_float(w.scalar_type(), "nf4_quantize", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     const T* x = flat.data_ptr<T>();
     float* a = absmax.data_ptr<float>();
@@ -99,13 +102,7 @@ std::tuple<at::Tensor, at::Tensor> nf4_quantize(const at::Tensor& w, int64_t blo
         quantize_block<T>(x, begin, end, end - begin == blocksize, book, a + b, d);
       }
     });
-  };
-  switch (w.scalar_type()) {
-    case at::kFloat: run(static_cast<float*>(nullptr)); break;
-    case at::kBFloat16: run(static_cast<c10::BFloat16*>(nullptr)); break;
-    case at::kHalf: run(static_cast<c10::Half*>(nullptr)); break;
-    default: TORCH_CHECK(false, "nf4_quantize takes float32, bfloat16 or float16, not ", w.scalar_type());
-  }
+  });
   return {absmax, data};
 }
 

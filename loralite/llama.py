@@ -352,11 +352,14 @@ class Llama(nn.Module):
             return self._loss_sum(x, labels)
         return self.lm_head(x).float()
 
+    def fuses_loss(self) -> bool:
+        """Whether ``labels=`` takes ``loss.linear_cross_entropy``: the head is a plain, bias-free linear."""
+        return type(self.lm_head) is Linear and self.lm_head.bias is None
+
     def _loss_sum(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Summed cross-entropy of the next token at every position of x (B, T, D)."""
         targets = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX).flatten()  # (B T,); the last predicts nothing
-        head = self.lm_head
-        if type(head) is Linear and head.bias is None:
-            return linear_cross_entropy(x.flatten(0, 1), head.weight, targets)
-        logits = head(x).float().flatten(0, 1)  # an adapted or quantized head: (B T, V) logits
+        if self.fuses_loss():
+            return linear_cross_entropy(x.flatten(0, 1), self.lm_head.weight, targets)
+        logits = self.lm_head(x).float().flatten(0, 1)  # an adapted or quantized head: (B T, V) logits
         return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")

@@ -38,7 +38,7 @@ from torch.utils._pytree import tree_leaves
 
 from loralite import nf4
 from loralite import optim as _optim
-from loralite.llama import Linear, Llama, LlamaConfig
+from loralite.llama import Llama, LlamaConfig
 from loralite.loss import chunk_tokens
 from loralite.lora import LoraConfig, LoraLinear, add_lora, trainable_parameters
 from loralite.optim import OPTIMIZERS, AdamW8bit
@@ -216,16 +216,11 @@ def _layer_activations(config: LlamaConfig, layer: nn.Module, s: _Shape, grad_in
     return total, mlp_live
 
 
-def _fused_loss(model: nn.Module) -> bool:
-    """Whether ``model(ids, labels=...)`` takes the fused head + cross-entropy (a plain head)."""
-    return type(model.lm_head) is Linear and model.lm_head.bias is None
-
-
 def _loss_saved(config: LlamaConfig, model: nn.Module, s: _Shape, live: bool) -> int:
     """What the loss saves for backward. Fused (``loralite.loss``): the gradients it already
     computed, d(hidden) (N, D) and, for a trained head, float32 d(weight) (V, D). Otherwise the
     float32 log-probabilities (N, V) and the int64 targets."""
-    if not _fused_loss(model):
+    if not model.fuses_loss():
         return s.N * config.vocab_size * 4 + s.N * 8
     trained_head = model.lm_head.weight.requires_grad
     return (s.N * config.hidden_size * s.e if live else 0) + (model.lm_head.weight.numel() * 4 if trained_head else 0)
@@ -248,7 +243,7 @@ def _loss_temporary(config: LlamaConfig, model: nn.Module, s: _Shape) -> int:
     16-bit; that chunk's d(hidden) (c, D) and the (N,) targets. Otherwise float32 d(log-probs)
     and d(logits), (N, V) each."""
     V, D = config.vocab_size, config.hidden_size
-    if not _fused_loss(model):
+    if not model.fuses_loss():
         return 8 * s.N * V
     c = min(s.N, chunk_tokens(V))
     return s.N * D * s.e + c * V * (4 + (s.e if s.e < 4 else 0)) + c * D * s.e + s.N * 8
@@ -352,7 +347,7 @@ def _explanations(config, model, quant, optim, checkpointing, s: _Shape, loss_do
                             f"{_ADAMW8BIT_DEFAULTS['min_8bit_size']} elements)",
         "activations": f"{kind}; N = {s.B} x {s.T} tokens",
         "temporary": ("float32 logits of one chunk of tokens in the fused loss (loralite.loss)"
-                      if _fused_loss(model) else "float32 gradients of the log-probabilities and logits (2 x N x V x 4 bytes)")
+                      if model.fuses_loss() else "float32 gradients of the log-probabilities and logits (2 x N x V x 4 bytes)")
                      if loss_dominates else "one dequantized weight and the SwiGLU gradients (N, I) of a layer",
         "total": "peak = weights + adapters + optimizer states + max(activations + temporary, "
                  "gradients + optimizer step scratch)",

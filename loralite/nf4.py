@@ -110,18 +110,21 @@ def _block_absmax_and_scaled(flat: torch.Tensor, blocksize: int) -> tuple[torch.
     return absmax, scaled
 
 
-def _midpoints(sorted_code: torch.Tensor) -> torch.Tensor:
-    """(15,) float32 decision boundaries between consecutive sorted codes."""
-    return (sorted_code[:-1] + sorted_code[1:]) / 2
+def decision_boundaries(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, midpoints): sorted position -> nibble (identity for NF4), and the (15,) float32
+    boundaries between consecutive sorted codes."""
+    order = torch.argsort(code, stable=True)
+    sorted_code = code[order]
+    return order, (sorted_code[:-1] + sorted_code[1:]) / 2
 
 
 def _nearest_4bit(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
     """Index of the nearest code of each value in [-1, 1]; a tie goes to the smaller code."""
-    order = torch.argsort(code, stable=True)  # sorted position -> nibble (identity for NF4)
-    return order[torch.bucketize(scaled, _midpoints(code[order]))].to(torch.uint8)
+    order, midpoints = decision_boundaries(code)
+    return order[torch.bucketize(scaled, midpoints)].to(torch.uint8)
 
 
-def _quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: (absmax float32 per block, packed uint8 codes) of the 1-D ``flat``.
 
     Whole blocks, ~4M elements at a time, so the float32 temporaries stay small (16 MB each)
@@ -196,11 +199,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, qu
     flat = w.detach().reshape(-1)
     from loralite import ops  # ops imports this module: the dispatch is looked up at call time
 
-    if ops.quantize_in_cpp(flat):  # the same arithmetic in one C++ pass (csrc/nf4_quantize_cpu.cpp)
-        order = torch.argsort(code, stable=True)
-        absmax, data = ops.nf4_quantize(flat, blocksize, _midpoints(code[order]), order)
-    else:
-        absmax, data = _quantize_blocks(flat, blocksize, code)
+    absmax, data = ops.quantize_blocks(flat, blocksize, code)
     q = NF4Tensor(
         data=data, absmax=absmax, nested_absmax=None, nested_code=None, offset=0.0,
         code=code.to(w.device), shape=w.shape, dtype=w.dtype, blocksize=blocksize, quant_type=quant_type,

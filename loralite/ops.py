@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from loralite import nf4
 from loralite.nf4 import NF4Tensor
 
 # Values of the LORALITE_KERNELS environment variable.
@@ -139,15 +140,13 @@ def dequantize(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor
     return dense if out is None else out.copy_(dense)
 
 
-def quantize_in_cpp(flat: torch.Tensor) -> bool:
-    """Whether ``nf4.quantize`` takes ``loralite._C``'s ``nf4_quantize`` for ``flat`` (the ``cpp`` path)."""
-    return _CPU_NF4_QUANTIZE is not None and flat.dtype in _FLOAT_DTYPES and _path(flat) == "cpp"
-
-
-def nf4_quantize(flat: torch.Tensor, blocksize: int, midpoints: torch.Tensor,
-                 order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``loralite._C``'s one-pass quantizer: (absmax float32 per block, packed uint8 codes)."""
-    return _CPU_NF4_QUANTIZE(flat, blocksize, midpoints, order)
+def quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax float32 per block, packed uint8 codes) of the 1-D ``flat``: ``nf4.quantize_blocks``,
+    or on CPU the same arithmetic in one pass of ``loralite._C``'s ``nf4_quantize``."""
+    if _cpu_op_runs(_CPU_NF4_QUANTIZE, flat):
+        order, midpoints = nf4.decision_boundaries(code)
+        return _CPU_NF4_QUANTIZE(flat, blocksize, midpoints, order)
+    return nf4.quantize_blocks(flat, blocksize, code)
 
 
 _workspaces = threading.local()  # .buffers: {dtype: flat CPU tensor}, per thread

@@ -9,9 +9,8 @@ Its ``state_dict`` is the bitsandbytes 4-bit layout Hugging Face checkpoints use
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import dataclasses
+from collections.abc import Callable
 
 import torch
 from torch import nn
