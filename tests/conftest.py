@@ -72,3 +72,34 @@ def hf_default(hf_default_tokenizer):
         path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     tok = hf_default_tokenizer
     return model, tok
+
+
+def dequantize_by_definition(state_dict: dict, key: str) -> torch.Tensor:
+    """The dense tensor of the bnb-4bit entry ``key``, computed from the format's definition alone.
+
+    The reference for every dequantized value in the tests: ``code[nibble_j] * absmax[j // blocksize]``
+    in float32, rounded once to the stored dtype, with two nibbles a byte (the first element in the
+    high nibble) and, under double quantization,
+    ``absmax[b] = nested_code[absmax_u8[b]] * nested_absmax[b // nested_blocksize] + nested_offset``.
+    It reads only the stored tensors and the JSON quant state, never bitsandbytes' kernels: on CPUs
+    with AVX-512, bitsandbytes 0.50.2's own CPU dequantize is wrong for blocks that span rows
+    (see ``test_nf4.test_dequantize_follows_the_format_where_bitsandbytes_cpu_does_not``).
+    """
+    import json
+
+    state_key = next(k for k in state_dict if k.startswith(key + ".quant_state.bitsandbytes__"))
+    state = json.loads(bytes(state_dict[state_key].tolist()))
+    packed = state_dict[key].reshape(-1)
+    numel = 1
+    for size in state["shape"]:
+        numel *= size
+    nibbles = torch.stack([packed >> 4, packed & 0x0F], dim=1).reshape(-1)[:numel].long()  # (numel,)
+    absmax = state_dict[key + ".absmax"]
+    if "nested_offset" in state:  # double quantization: 8-bit block scales
+        nested = state_dict[key + ".nested_quant_map"][absmax.long()]  # (blocks,)
+        per_block = state_dict[key + ".nested_absmax"].repeat_interleave(state["nested_blocksize"])
+        absmax = nested * per_block[:nested.numel()] + state["nested_offset"]
+    values = state_dict[key + ".quant_map"][nibbles]  # (numel,) float32
+    scales = absmax.float().repeat_interleave(state["blocksize"])[:numel]
+    dtype = getattr(torch, state["dtype"])
+    return (values * scales).to(dtype).reshape(state["shape"])

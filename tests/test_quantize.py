@@ -8,6 +8,7 @@ from torch import nn
 
 bnb = pytest.importorskip("bitsandbytes")
 
+from conftest import dequantize_by_definition  # noqa: E402
 from loralite import nf4  # noqa: E402
 from loralite.quantize import Linear4bit, NF4Config, quantize_model  # noqa: E402
 
@@ -84,14 +85,35 @@ def test_bitsandbytes_state_dict_loads_and_round_trips():
     layer = Linear4bit.from_bnb_state_dict(sd, "", compute_dtype=torch.float32)
     assert layer.weight.quant_type == "fp4" and not layer.weight.double_quant
     x = torch.randn(2, 64)
-    with torch.no_grad():
-        expected = ref(x)
+    expected = x @ dequantize_by_definition(sd, "weight").T + sd["bias"]  # not bitsandbytes' CPU forward (see below)
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
     _, other = make_layer(in_features=64, out_features=48, seed=1)
     other.load_state_dict(layer.state_dict())
     assert torch.equal(other.weight.dequantize(), layer.weight.dequantize())
     assert torch.equal(other.bias, layer.bias)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_forward_follows_the_format_where_bitsandbytes_cpu_does_not(training):
+    """in_features = 96, not a multiple of the blocksize 64, so blocks span rows.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50.2's ``Linear4bit.forward`` in eval mode without
+    gradients first repacks the weight (``_convert_weight_packed_for_cpu``) and raises for such
+    shapes; in training its dequantize misreads the scales of such rows (see ``test_nf4``).
+    loralite's layer must equal the definition on every CPU.
+    """
+    linear = nn.Linear(96, 64)
+    ref = bnb.nn.Linear4bit(96, 64, bias=True, compress_statistics=True, quant_type="nf4",
+                            compute_dtype=torch.float32)
+    ref.load_state_dict(linear.state_dict())
+    sd = ref.to("cpu").state_dict()
+    layer = Linear4bit.from_bnb_state_dict(sd, "", compute_dtype=torch.float32).train(training)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), x @ dequantize_by_definition(sd, "weight").T + sd["bias"],
+                                   atol=1e-6, rtol=1e-6)
+    assert torch.equal(layer.state_dict()["weight"], sd["weight"])
 
 
 def test_load_state_dict_errors():
