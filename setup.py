@@ -2,7 +2,10 @@
 
 The package is pure PyTorch without it: when torch is not importable at build time (pip's
 build isolation), when there is no compiler, or when the build fails, setup warns and installs
-without the extension, and ``loralite.ops`` falls back to the reference path. Build it with
+without the extension, and ``loralite.ops`` falls back to the reference path. Every build attempt
+writes what happened, the compiler's output included, to ``build/loralite_C.log`` (the test
+suite fails, naming that file, when a compiler and torch's headers are present but the
+extension is missing). Build it with
 
     pip install --no-build-isolation -e .
 
@@ -11,11 +14,14 @@ without the extension, and ``loralite.ops`` falls back to the reference path. Bu
 also the CUDA NF4 GEMV ``nf4_gemv``. ``LORALITE_BUILD_EXTENSION=0`` skips the build.
 """
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import traceback
 import warnings
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -27,16 +33,46 @@ CXX_FLAGS = ["-O3", "-std=c++20", "-ffp-contract=off"]
 # one thread. At run time the linked libgomp.so.1 is the one torch has already loaded.
 OPENMP_FLAGS = ["-fopenmp"] if sys.platform.startswith("linux") else []
 NVCC_FLAGS = ["-O3", "--fmad=false"]
+BUILD_LOG = Path(__file__).resolve().parent / "build" / "loralite_C.log"
+
+
+def _log(text: str, mode: str = "a") -> None:
+    BUILD_LOG.parent.mkdir(parents=True, exist_ok=True)
+    with open(BUILD_LOG, mode) as f:
+        f.write(text.rstrip("\n") + "\n")
 
 
 def _warn_skip(reason: str) -> None:
-    warnings.warn(f"loralite._C is not built ({reason}); loralite stays pure PyTorch. "
+    _log(f"loralite._C: not built: {reason}")
+    warnings.warn(f"loralite._C is not built ({reason}); loralite stays pure PyTorch. Details in {BUILD_LOG}. "
                   "To build it: pip install --no-build-isolation -e .", stacklevel=2)
+
+
+@contextlib.contextmanager
+def _output_to_log():
+    """Sends this process's stdout and stderr, and so the compiler's and ninja's, to BUILD_LOG."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(BUILD_LOG, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
 
 
 def _extension_build():
     """(ext_modules, cmdclass) for loralite._C, or ([], {}) when it cannot be built here."""
+    _log(f"loralite._C build, python {sys.version.split()[0]}", mode="w")
     if os.environ.get("LORALITE_BUILD_EXTENSION", "1") == "0":
+        _log("loralite._C: skipped: LORALITE_BUILD_EXTENSION=0")
         return [], {}
     try:
         import torch
@@ -71,10 +107,14 @@ def _optional(build_ext_class):
     class OptionalBuildExtension(build_ext_class):
         def build_extension(self, ext):
             try:
-                super().build_extension(ext)
+                with _output_to_log():
+                    super().build_extension(ext)
             except (CCompilerError, CompileError, ExecError, LinkError, PlatformError, OSError,
                     RuntimeError, subprocess.CalledProcessError) as error:
+                _log(traceback.format_exc())
                 _warn_skip(f"the build failed: {error}")
+            else:
+                _log("loralite._C: built")
 
     return OptionalBuildExtension
 
@@ -83,7 +123,6 @@ ext_modules, cmdclass = _extension_build()
 
 setup(
     packages=["loralite", "loralite.kernels"],
-    package_dir={"loralite": "loralite", "loralite.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass or {"build_ext": build_ext},
 )

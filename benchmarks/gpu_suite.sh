@@ -2,7 +2,7 @@
 # The GPU checks of loralite in one run (under 10 minutes on one H200):
 #   1. build loralite._C with its CUDA GEMV (pip install --no-build-isolation -e .),
 #   2. run the kernel tests on the GPU (Triton compiled, the CUDA GEMV run),
-#   3. run benchmarks/kernels.py, then every other benchmark that takes --device cuda.
+#   3. run benchmarks/nf4_kernels.py, then every other benchmark that takes --device cuda.
 # Usage: benchmarks/gpu_suite.sh OUTDIR   (logs, JSON and Markdown are written into OUTDIR)
 set -uo pipefail
 OUTDIR=$(mkdir -p "${1:?usage: benchmarks/gpu_suite.sh OUTDIR}" && cd "$1" && pwd)
@@ -27,10 +27,10 @@ step extension 60 "$PYTHON" -c "import torch; from loralite import ops; \
 assert ops.HAS_EXTENSION and hasattr(torch.ops.loralite, 'nf4_gemv'), 'loralite._C was built without CUDA'; \
 print('loralite._C with the CUDA GEMV, on', torch.cuda.get_device_name())"
 step tests 180 "$PYTHON" -m pytest tests/test_kernels.py tests/test_csrc.py tests/test_ops.py -q -x
-step kernels 240 "$PYTHON" benchmarks/kernels.py --out-dir "$OUTDIR"
+step nf4_kernels 240 "$PYTHON" benchmarks/nf4_kernels.py --out-dir "$OUTDIR"
 for bench in benchmarks/*.py; do
     name=$(basename "$bench" .py)
-    [ "$name" = kernels ] && continue
+    [ "$name" = nf4_kernels ] && continue
     if "$PYTHON" "$bench" --help 2>/dev/null | grep -q -- "--device"; then
         step "$name" 90 "$PYTHON" "$bench" --device cuda --quick
         cp benchmarks/results/"$name".{json,md} "$OUTDIR"/ 2>/dev/null

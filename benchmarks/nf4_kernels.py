@@ -13,7 +13,7 @@ M <= 8 when built) against bitsandbytes (dequantize + cuBLAS, and its 4-bit GEMV
 ``triton.testing.do_bench``. Reported: % of the measured device copy bandwidth at M <= 16,
 % of bf16 cuBLAS TFLOP/s at M >= 2048, and time ratios.
 
-    python benchmarks/kernels.py [--quick] [--out-dir benchmarks/results]
+    python benchmarks/nf4_kernels.py [--quick] [--out-dir benchmarks/results]
 """
 
 from __future__ import annotations
@@ -178,15 +178,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller CPU matrix, fewer GPU shapes and rows")
     parser.add_argument("--out-dir", default=pathlib.Path(__file__).parent / "results", type=pathlib.Path,
-                        help="folder for kernels.json and kernels.md")
+                        help="folder for nf4_kernels.json and nf4_kernels.md")
     args = parser.parse_args()
     result = dict(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
                   quick=args.quick, extension_built=ops.HAS_EXTENSION, cpu=cpu_section(args.quick),
                   gpu=gpu_section(args.quick) if torch.cuda.is_available() else None)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out_dir / "kernels.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(args.out_dir / "nf4_kernels.json", json.dumps(result, indent=2) + "\n")
     markdown = _markdown(result)
-    atomic_write_text(args.out_dir / "kernels.md", markdown)
+    atomic_write_text(args.out_dir / "nf4_kernels.md", markdown)
     print(markdown)
 
 
