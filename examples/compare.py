@@ -5,15 +5,15 @@
 The base answers come from the model as shipped. The fine-tuned model is the NF4 base the
 adapter was trained on (QLoRA) with the adapter merged in (``merge_and_unload``: dequantize,
 add ``s · B A``), so generation runs on dense weights instead of dequantizing every layer
-at every token.
+at every token. Both run in the compute dtype ``"auto"`` picks for this CPU (bf16 where it has
+bf16 units and measures faster, float32 elsewhere).
 """
 
 import argparse
 import json
 
-import torch
-
 import loralite as ll
+from loralite import precision
 
 
 def main():
@@ -26,8 +26,9 @@ def main():
 
     tok = ll.load_tokenizer(args.model)
     conversations = [json.loads(line)["messages"] for line in open(args.prompts) if line.strip()]
-    base = ll.generate(ll.load_model(args.model), tok, conversations, max_new_tokens=args.max_new_tokens)
-    qlora = ll.load_model(args.model, quantize=ll.NF4Config(compute_dtype=torch.float32))
+    dtype = precision.auto_dtype("cpu")
+    base = ll.generate(ll.load_model(args.model, dtype=dtype), tok, conversations, max_new_tokens=args.max_new_tokens)
+    qlora = ll.load_model(args.model, dtype=dtype, quantize=ll.NF4Config(compute_dtype=dtype))
     tuned_model = ll.merge_and_unload(ll.load_adapter(qlora, args.adapter))
     tuned = ll.generate(tuned_model, tok, conversations, max_new_tokens=args.max_new_tokens)
     for messages, before, after in zip(conversations, base, tuned):

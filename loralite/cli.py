@@ -17,12 +17,23 @@ import torch
 from loralite.optim import OPTIMIZERS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# --dtype of the commands that compute: "auto" is loralite.precision's choice for the device.
+COMPUTE_DTYPES = ("auto", *DTYPES)
+# train's --dtype: the autocast of TrainConfig.bf16 (float16 autocast is not offered).
+TRAIN_DTYPES = {"auto": "auto", "float32": False, "bfloat16": True}
+
+
+def _dtype(name: str, device: str = "cpu") -> torch.dtype:
+    """``DTYPES[name]``, or for "auto" the fast compute dtype of ``device``."""
+    from loralite import precision
+
+    return precision.auto_dtype(device) if name == "auto" else DTYPES[name]
 
 
 def cmd_generate(args):
     import loralite as ll
 
-    model = ll.load_model(args.model, dtype=DTYPES[args.dtype])
+    model = ll.load_model(args.model, dtype=_dtype(args.dtype))
     tok = ll.load_tokenizer(args.model)
     if args.adapter:
         ll.load_adapter(model, args.adapter)
@@ -70,7 +81,7 @@ def cmd_train(args):
     from pathlib import Path
 
     import loralite as ll
-    from loralite.train import TrainConfig, train
+    from loralite.train import TrainConfig, autocasts_bf16, train
 
     options = {}
     if args.config:
@@ -79,7 +90,9 @@ def cmd_train(args):
         except json.JSONDecodeError as e:
             raise ValueError(f"--config {args.config}: not valid JSON ({e})") from None
     options.update({k: getattr(args, k) for k in TRAIN_FLAGS if getattr(args, k) is not None})
-    options.update({k: True for k in ("bf16", "gradient_checkpointing", "packing") if getattr(args, k)})
+    options.update({k: True for k in ("gradient_checkpointing", "packing") if getattr(args, k)})
+    if args.bf16 or args.dtype is not None:
+        options["bf16"] = TRAIN_DTYPES["bfloat16" if args.bf16 else args.dtype]
     options["output_dir"] = args.output_dir
     if args.resume:
         options["resume_from_checkpoint"] = True
@@ -93,10 +106,12 @@ def cmd_train(args):
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     try:
-        model = ll.load_model(args.model, dtype=DTYPES[args.dtype], device=device)
+        # float32 weights: the adapters, norms and embeddings keep float32 under a bf16 autocast
+        model = ll.load_model(args.model, dtype=torch.float32, device=device)
         tok = ll.load_tokenizer(args.model)
         if args.qlora:
-            ll.quantize_model(model, ll.NF4Config(compute_dtype=torch.bfloat16 if config.bf16 else torch.float32))
+            bf16 = autocasts_bf16(config.bf16, device)
+            ll.quantize_model(model, ll.NF4Config(compute_dtype=torch.bfloat16 if bf16 else torch.float32))
         torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
         ll.add_lora(model, _lora_config(args, alpha=args.alpha))
         history = train(model, tok, args.data, config)
@@ -162,7 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int)
     g.add_argument("--raw", action="store_true", help="skip the chat template")
-    g.add_argument("--dtype", choices=DTYPES, default="float32")
+    g.add_argument("--dtype", choices=COMPUTE_DTYPES, default="auto",
+                   help="dtype of the weights and the compute; auto: bfloat16 on CUDA and on CPUs with bf16 units "
+                        "(AVX512-BF16, AMX) where it measures faster, float32 elsewhere")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="write a GGUF (or HF) model as an HF checkpoint folder")
@@ -194,11 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linears to adapt, by name, or all-linear")
     for name, kind in TRAIN_FLAGS.items():
         t.add_argument("--" + name.replace("_", "-"), type=kind, dest=name)
-    t.add_argument("--bf16", action="store_true", help="autocast to bfloat16")
+    t.add_argument("--bf16", action="store_true", help="the same as --dtype bfloat16")
     t.add_argument("--gradient-checkpointing", action="store_true")
     t.add_argument("--packing", action="store_true")
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --output-dir")
-    t.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype of the loaded weights")
+    t.add_argument("--dtype", choices=TRAIN_DTYPES,
+                   help="compute dtype (default auto: bfloat16 on CUDA and on CPUs with bf16 units where it measures "
+                        "faster, float32 elsewhere); bfloat16 autocasts float32 weights, as TrainConfig.bf16 does")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("merge", help="fold an adapter into its base and write an HF checkpoint folder")

@@ -36,7 +36,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from loralite import nf4
+from loralite import nf4, precision
 from loralite import optim as _optim
 from loralite.llama import Llama, LlamaConfig
 from loralite.loss import chunk_tokens
@@ -110,8 +110,9 @@ def meta_model(config: LlamaConfig, lora: LoraConfig | None, quant: NF4Config | 
         model = Llama(config).to(dtype)
     model.requires_grad_(False)
     if quant is not None:  # quantize_model's replacement, without computing any codes
+        compute = dtype if quant.compute_dtype == "auto" else quant.compute_dtype  # the run computes in dtype
         quantize_model(model, quant, make=lambda name, linear: Linear4bit(
-            _meta_nf4(linear.weight.shape, quant), linear.bias, quant.compute_dtype))
+            _meta_nf4(linear.weight.shape, quant), linear.bias, compute))
     if lora is not None:
         add_lora(model, lora)
     return model
@@ -257,6 +258,13 @@ def _largest_dequantized(model: nn.Module, bits: tuple[int, ...] = (16, 32)) -> 
     return max(sizes, default=0)
 
 
+def _largest_transposed(model: nn.Module) -> int:
+    """Bytes of the largest transposed dense weight a CPU input gradient makes (``ops.nf4_matmul_t``)."""
+    sizes = [m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8 for m in model.modules()
+             if isinstance(m, Linear4bit) and precision.transposes_16bit_gradient(m.compute_dtype)]
+    return max(sizes, default=0)
+
+
 def _check(option: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"estimate_memory: {option}={value!r} is not one of {list(allowed)}")
@@ -301,8 +309,8 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     # Backward through a layer's down_proj: its dense weight, d(gate*up) from the base and the
     # adapter (N, I) each, and d(output) (N, D); the log-probs and final norm are released by then.
     layer_temp = _largest_dequantized(model) + 2 * N * I * e + N * D * e
-    if device == "cpu":  # a 16-bit input gradient multiplies a transposed copy too (ops.nf4_matmul_t)
-        layer_temp += _largest_dequantized(model, bits=(16,))
+    if device == "cpu":  # a 16-bit input gradient may multiply a transposed copy too (ops.nf4_matmul_t)
+        layer_temp += _largest_transposed(model)
     # On CPU that dense weight lives in a workspace kept between matmuls (loralite.ops), so it is
     # also there while the loss is computed and while the optimizer steps.
     workspace = _largest_dequantized(model) if device == "cpu" else 0

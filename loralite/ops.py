@@ -6,7 +6,7 @@ matmul; the fast paths compute the same numbers:
 | tensors | path | dequantize | matmuls |
 | --- | --- | --- | --- |
 | CUDA | ``triton`` | ``loralite.kernels.nf4_dequantize`` | ``loralite.kernels.nf4_matmul{,_t}``; ``loralite._C``'s GEMV for x @ W.T with M <= 8 rows |
-| CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` (and ``nf4_quantize`` for quantizing) | its dense weight (in a kept workspace), then ``torch.matmul``; 16-bit input gradients on a transposed copy |
+| CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` (and ``nf4_quantize`` for quantizing) | its dense weight (in a kept workspace), then ``torch.matmul``; 16-bit input gradients on a transposed copy where the CPU lacks units for that dtype (``precision.transposes_16bit_gradient``) |
 | otherwise | ``reference`` | ``q.dequantize`` | its dense weight, then ``torch.matmul`` |
 
 Decoding on CPU (no autograd) has fast paths in ``loralite._C`` beside each reference here:
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from loralite import nf4
+from loralite import nf4, precision
 from loralite.nf4 import NF4Tensor
 
 # Values of the LORALITE_KERNELS environment variable.
@@ -346,8 +346,9 @@ def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
         from loralite import kernels
         return kernels.nf4_matmul_t(g, q)
     dense = _dense_for_matmul(q, g.dtype)  # (out, in)
-    if g.device.type == "cpu" and g.dtype in (torch.bfloat16, torch.float16):
-        # torch's 16-bit CPU matmul is fast for x @ W.T but up to ~50x slower for g @ W (measured
-        # with bf16 on AVX2): transposing W first (a copy) and taking the fast form wins by far.
+    if g.device.type == "cpu" and precision.transposes_16bit_gradient(g.dtype):
+        # Without native units for g's dtype, torch's 16-bit CPU matmul is fast for x @ W.T but
+        # up to ~50x slower for g @ W: transposing W first (a copy) and taking the fast form wins.
+        # Where the units exist, g @ W runs as fast as x @ W.T and the copy would only cost.
         return F.linear(g, dense.T.contiguous())
     return g @ dense

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from loralite import nf4, ops
+from loralite import nf4, ops, precision
 from loralite.nf4 import NF4Tensor
 
 _BNB_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -28,7 +28,9 @@ class NF4Config:
     blocksize: int = 64  # elements per absmax block; Hugging Face bnb-4bit checkpoints always use 64
     double_quant: bool = True  # 8-bit block scales (QLoRA): 4.127 instead of 4.5 bits per weight
     quant_type: str = "nf4"  # "nf4" (NormalFloat, for normally distributed weights) or "fp4"
-    compute_dtype: torch.dtype = torch.bfloat16  # dtype of the dequantized weight in the matmuls
+    # dtype of the dequantized weight in the matmuls; "auto": bf16 on CUDA and on CPUs with bf16
+    # units where it measures faster, float32 elsewhere (loralite.precision), fixed per layer when quantized
+    compute_dtype: torch.dtype | str = precision.AUTO
     skip_modules: tuple[str, ...] = ("lm_head",)  # module names (or dotted-name components) kept dense
 
     def __post_init__(self) -> None:
@@ -36,8 +38,9 @@ class NF4Config:
             raise ValueError(f"NF4Config.blocksize must be one of {nf4.BLOCKSIZES}, got {self.blocksize}")
         if self.quant_type not in nf4.QUANT_TYPES:
             raise ValueError(f"NF4Config.quant_type must be one of {nf4.QUANT_TYPES}, got {self.quant_type!r}")
-        if self.compute_dtype not in nf4.FLOAT_DTYPES:
-            raise ValueError(f"NF4Config.compute_dtype must be one of {nf4.FLOAT_DTYPES}, got {self.compute_dtype}")
+        if self.compute_dtype not in (*nf4.FLOAT_DTYPES, precision.AUTO):
+            raise ValueError(f"NF4Config.compute_dtype must be 'auto' or one of {nf4.FLOAT_DTYPES}, "
+                             f"got {self.compute_dtype!r}")
 
     def to_hf_quantization_config(self) -> dict:
         """The ``quantization_config`` of a Hugging Face ``config.json`` (transformers' BitsAndBytesConfig)."""
@@ -53,7 +56,7 @@ class NF4Config:
             "llm_int8_has_fp16_weight": False,
             "bnb_4bit_quant_type": self.quant_type,
             "bnb_4bit_use_double_quant": self.double_quant,
-            "bnb_4bit_compute_dtype": str(self.compute_dtype).removeprefix("torch."),
+            "bnb_4bit_compute_dtype": str(precision.resolve(self.compute_dtype)).removeprefix("torch."),
             "bnb_4bit_quant_storage": "uint8",
             "load_in_4bit": True,
             "load_in_8bit": False,
@@ -109,7 +112,7 @@ class Linear4bit(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=bias.requires_grad)
-        self.compute_dtype = compute_dtype
+        self.compute_dtype = precision.resolve(compute_dtype, weight.device)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: NF4Config = NF4Config()) -> Linear4bit:
@@ -120,7 +123,7 @@ class Linear4bit(nn.Module):
 
     @classmethod
     def from_bnb_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str,
-                            compute_dtype: torch.dtype = torch.bfloat16) -> Linear4bit:
+                            compute_dtype: torch.dtype | str = torch.bfloat16) -> Linear4bit:
         """Build straight from the bnb-4bit tensors under ``prefix`` (e.g. ``"model.layers.0.mlp.up_proj."``).
 
         No dequantize/requantize round trip: the packed codes and scales are used as stored.

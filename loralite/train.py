@@ -28,6 +28,7 @@ from torch import nn
 
 from loralite import checkpoint as ckpt
 from loralite import data as data_lib
+from loralite import precision
 from loralite.files import atomic_write, atomic_write_bytes
 from loralite.optim import OPTIMIZERS, AdamW8bit
 
@@ -57,7 +58,9 @@ class TrainConfig:
     adam_epsilon: float = 1e-8  # added to the denominator
     max_grad_norm: float = 1.0  # clip the global gradient norm to this; <= 0 disables clipping
     optim: str = "adamw"  # "adamw" (torch.optim.AdamW) or "adamw_8bit" (loralite.AdamW8bit)
-    bf16: bool = False  # autocast the forward and backward to bfloat16 (parameters stay in their dtype)
+    # autocast the forward and backward to bfloat16 (parameters stay in their dtype); "auto": where
+    # bf16 is the fast compute dtype of the model's device (loralite.precision: CUDA, CPUs with bf16 units)
+    bf16: bool | str = precision.AUTO
     gradient_checkpointing: bool = False  # recompute each decoder layer in backward: less memory, ~30% slower
     max_seq_length: int = 1024  # tokens per row; longer examples are truncated from the right
     packing: bool = False  # concatenate examples into rows of max_seq_length (attention stays per example)
@@ -91,6 +94,8 @@ class TrainConfig:
         if not 0.0 <= self.warmup_ratio < 1.0 or not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"TrainConfig.warmup_ratio and eval_fraction must lie in [0, 1), got "
                              f"{self.warmup_ratio}, {self.eval_fraction}")
+        if self.bf16 not in (True, False, precision.AUTO):
+            raise ValueError(f"TrainConfig.bf16 must be true, false or 'auto', got {self.bf16!r}")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ValueError(f"TrainConfig.save_total_limit must be None or >= 1, got {self.save_total_limit}")
 
@@ -128,9 +133,15 @@ def make_optimizer(params: list[nn.Parameter], config: TrainConfig) -> torch.opt
     return AdamW8bit(params, **kwargs) if config.optim == "adamw_8bit" else torch.optim.AdamW(params, **kwargs)
 
 
-def token_loss_sum(model: nn.Module, batch: dict, bf16: bool) -> torch.Tensor:
+def autocasts_bf16(bf16: bool | str, device: torch.device | str) -> bool:
+    """``TrainConfig.bf16`` on ``device``: as given, or for "auto" whether bf16 is its fast dtype."""
+    return precision.auto_dtype(device) == torch.bfloat16 if bf16 == precision.AUTO else bool(bf16)
+
+
+def token_loss_sum(model: nn.Module, batch: dict, bf16: bool | str) -> torch.Tensor:
     """Sum of the next-token cross-entropies over the target tokens of ``batch`` (fp32 scalar)."""
     device = model.lm_head.weight.device
+    bf16 = autocasts_bf16(bf16, device)
     # Right padding comes after every real token, so causal attention alone keeps real tokens
     # from seeing it (padding positions have no loss); only packed rows need the segment mask.
     segment_ids = batch["segment_ids"].to(device) if "segment_ids" in batch else None
@@ -240,6 +251,7 @@ def train(model: nn.Module, tokenizer, data, config: TrainConfig, eval_data=None
     Raises:
         NonFiniteLossError: the loss or gradient norm was NaN/inf; the last checkpoint is kept.
     """
+    config = dataclasses.replace(config, bf16=autocasts_bf16(config.bf16, model.lm_head.weight.device))
     run = _Run(model, tokenizer, data, eval_data, config)
     try:
         return run.loop()

@@ -29,7 +29,7 @@ def tiny_folder(tmp_path_factory):
 
 def run_train(folder, out, batch_size, launcher):
     args = ["-m", "loralite", "train", "--model", str(folder / "model"), "--data", str(folder / "rows.jsonl"),
-            "--output-dir", str(out), "--per-device-train-batch-size", str(batch_size),
+            "--output-dir", str(out), "--per-device-train-batch-size", str(batch_size), "--dtype", "float32",
             "--gradient-accumulation-steps", "2", "--max-steps", "3", "--lora-r", "4", "--learning-rate", "1e-2",
             "--logging-steps", "1", "--save-steps", "3", "--max-seq-length", "96", "--target-modules", "q_proj",
             "v_proj", "up_proj"]

@@ -211,14 +211,27 @@ def test_config_validation_and_hf_quantization_config():
     with pytest.raises(ValueError, match="quant_type"):
         NF4Config(quant_type="int8")
     transformers = pytest.importorskip("transformers")
-    ours = NF4Config().to_hf_quantization_config()
+    with pytest.raises(ValueError, match="compute_dtype"):
+        NF4Config(compute_dtype="fast")
+    ours = NF4Config(compute_dtype=torch.bfloat16).to_hf_quantization_config()
     theirs = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=["lm_head"]).to_dict()
     assert ours == theirs
-    assert NF4Config.from_hf_quantization_config(theirs) == NF4Config()
+    assert NF4Config.from_hf_quantization_config(theirs) == NF4Config(compute_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="load_in_4bit"):
         NF4Config.from_hf_quantization_config({"quant_method": "bitsandbytes", "load_in_8bit": True})
+
+
+@pytest.mark.parametrize("prefers_bf16, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_auto_compute_dtype_is_fixed_when_the_layer_is_built(monkeypatch, prefers_bf16, expected):
+    from loralite import precision
+
+    monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: prefers_bf16)
+    assert NF4Config().compute_dtype == "auto"
+    layer = Linear4bit.from_linear(nn.Linear(64, 32), NF4Config())
+    assert layer.compute_dtype == expected
+    assert NF4Config().to_hf_quantization_config()["bnb_4bit_compute_dtype"] == str(expected).removeprefix("torch.")
 
 
 def test_quantize_model_refuses_a_model_with_lora():
