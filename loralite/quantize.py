@@ -102,7 +102,8 @@ class Linear4bit(nn.Module):
     """A linear layer with a frozen 4-bit weight: ``y = x deq(W)^T + b`` in ``compute_dtype``.
 
     ``weight`` is an ``NF4Tensor`` (a plain attribute, not a Parameter, never trained); ``bias``
-    an optional Parameter. ``.to(device)`` moves both. The output takes the dtype of the input.
+    an optional Parameter. ``.to(device)`` moves both. The output takes the dtype of the input (under
+    autocast, the autocast dtype, as ``nn.Linear``'s).
     """
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None = None, compute_dtype: torch.dtype = torch.bfloat16):
@@ -140,7 +141,9 @@ class Linear4bit(nn.Module):
         y = NF4Matmul.apply(x.to(self.compute_dtype), self.weight)  # (..., out)
         if self.bias is not None:
             y = y + self.bias.to(self.compute_dtype)
-        return y.to(x.dtype)
+        # The input's dtype, or under autocast the autocast dtype, as nn.Linear's output would be.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        return y.to(torch.get_autocast_dtype(x.device.type) if autocast else x.dtype)
 
     def extra_repr(self) -> str:
         q = self.weight

@@ -47,6 +47,14 @@ def test_output_takes_the_input_dtype():
     assert torch.equal(y, (x.bfloat16() @ w.T + layer.bias.bfloat16()).float())
 
 
+def test_output_under_autocast_takes_the_autocast_dtype_as_nn_linear():
+    linear, layer = make_layer(compute_dtype=torch.bfloat16)
+    x = torch.randn(2, 128)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), linear(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+
+
 def test_no_dequantized_weight_is_saved_for_backward():
     _, layer = make_layer(in_features=256, out_features=192, compute_dtype=torch.bfloat16)
     x = torch.randn(4, 256, dtype=torch.bfloat16, requires_grad=True)
