@@ -1,12 +1,14 @@
 """Training-step speed and peak memory: loralite vs transformers + PEFT (+ bitsandbytes for QLoRA).
 
-    python benchmarks/train.py [--quick]
+    python benchmarks/train.py [--quick] [--dtype auto|float32|bfloat16] [--out NAME]
 
 Both sides train the same LoRA (r=16 on q, k, v, o) on SmolLM2-135M-Instruct with the same
 batch of random tokens, loss over every token, and AdamW; steps alternate in one process.
 QLoRA quantizes every linear but the (tied) output head to NF4 with double quantization
 (loralite ``NF4Config`` / ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-bnb_4bit_use_double_quant=True)``), computing in ``--dtype``.
+bnb_4bit_use_double_quant=True)``), computing in ``--dtype`` (default ``auto``: what
+``loralite.precision`` picks for this CPU; bf16 runs as an autocast of float32 weights on both
+sides, and NF4 computes in it).
 
 Achieved FLOP/s counts, per token, what a LoRA step must compute (no weight gradient of
 the frozen base):
@@ -17,7 +19,8 @@ the frozen base):
 
 with N_frozen the frozen linear weights (output head included), N_lora the adapter weights,
 L layers, T the sequence length, D = heads x head_dim. It is reported as a fraction of the
-rate of a large bf16 (and fp32) matmul measured in the same run.
+rate of a 1024^3 matmul in the compute dtype, measured in the same run (the yardstick of what
+the step could reach on this CPU).
 Peak memory is the peak RSS of a fresh subprocess that runs a few steps of one configuration.
 """
 
@@ -38,10 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import peak_rss_bytes, time_alternating, write_results  # noqa: E402
 
 import loralite as ll  # noqa: E402
+from loralite import precision  # noqa: E402
 from loralite.train import token_loss_sum  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    return precision.auto_dtype("cpu") if name == "auto" else DTYPES[name]
 
 
 def hf_folder() -> Path:
@@ -135,7 +143,7 @@ def peak_rss(kind: str, quantized: bool, args) -> float:
 
 
 def memory_child(args) -> None:
-    dtype = DTYPES[args.dtype]
+    dtype = compute_dtype(args.dtype)
     model = (loralite_model if args.memory_of == "loralite" else peft_model)(args.quantized, dtype)
     step = step_fn(model, make_batch(args.batch_size, args.seq), args.memory_of, dtype == torch.bfloat16)
     step()
@@ -148,16 +156,20 @@ def main():
     parser.add_argument("--quick", action="store_true", help="a short run: fewer repeats")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (bf16 autocast)")
+    parser.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
+                        help="compute dtype (bf16: autocast); auto: loralite.precision's choice for this CPU")
+    parser.add_argument("--out", default="train", help="results name: benchmarks/results/OUT.{json,md}")
     parser.add_argument("--memory-of", choices=["loralite", "peft"], help=argparse.SUPPRESS)
     parser.add_argument("--quantized", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_of:
         return memory_child(args)
     repeats = 2 if args.quick else 5
-    dtype, bf16 = DTYPES[args.dtype], args.dtype == "bfloat16"
+    dtype = compute_dtype(args.dtype)
+    bf16 = dtype == torch.bfloat16
+    dtype_name = str(dtype).removeprefix("torch.")
     batch = make_batch(args.batch_size, args.seq)
-    rates = {"bf16": matmul_rate(torch.bfloat16), "fp32": matmul_rate(torch.float32)}
+    rate = matmul_rate(dtype)
     rows = []
     for name, quantized in (("LoRA", False), ("QLoRA", True)):
         ours, theirs = loralite_model(quantized, dtype), peft_model(quantized, dtype)
@@ -166,20 +178,23 @@ def main():
         flops = flops_per_step(ours, args.batch_size, args.seq)
         tokens = args.batch_size * args.seq
         rows.append({
-            "config": name, "loralite s/step": times["loralite"], "peer s/step": times["peft"],
-            "ratio (target <= 0.7)": times["loralite"] / times["peft"],
+            "config": name, "compute": dtype_name,
+            "loralite s/step (median)": times["loralite"], "loralite min-max": times["loralite"].spread,
+            "peer s/step (median)": times["peft"], "peer min-max": times["peft"].spread,
+            "loralite / peer (target <= 0.7)": times["loralite"] / times["peft"],
             "loralite tok/s": tokens / times["loralite"], "peer tok/s": tokens / times["peft"],
             "loralite GFLOP/s": flops / times["loralite"] / 1e9,
-            "% of bf16 matmul": 100 * flops / times["loralite"] / rates["bf16"],
-            "% of fp32 matmul": 100 * flops / times["loralite"] / rates["fp32"],
+            f"% of the {dtype_name} matmul rate": 100 * flops / times["loralite"] / rate,
             "loralite peak RSS MiB": peak_rss("loralite", quantized, args),
             "peer peak RSS MiB": peak_rss("peft", quantized, args)})
         del ours, theirs
-    notes = (f"batch {args.batch_size} x {args.seq} tokens, compute {args.dtype}, r=16 on {TARGETS}, AdamW. "
-             f"Matmul rates in this run: bf16 {rates['bf16'] / 1e9:.1f} GFLOP/s, fp32 {rates['fp32'] / 1e9:.1f} "
-             f"GFLOP/s. Peer: transformers + PEFT (+ bitsandbytes NF4 with double quant for QLoRA).")
-    write_results("train", rows, meta={"batch_size": args.batch_size, "seq": args.seq, "dtype": args.dtype,
-                                       "repeats": repeats}, notes=notes)
+    lora, qlora = rows[0]["loralite s/step (median)"], rows[1]["loralite s/step (median)"]
+    notes = (f"batch {args.batch_size} x {args.seq} tokens, compute {dtype_name} (--dtype {args.dtype}), r=16 on "
+             f"{TARGETS}, AdamW; medians of {repeats} alternating steps. loralite QLoRA / LoRA step: "
+             f"{qlora / lora:.2f}. {dtype_name} 1024^3 matmul in this run: {rate / 1e9:.1f} GFLOP/s. "
+             "Peer: transformers + PEFT (+ bitsandbytes NF4 with double quant for QLoRA).")
+    write_results(args.out, rows, meta={"batch_size": args.batch_size, "seq": args.seq, "dtype": dtype_name,
+                                        "repeats": repeats}, notes=notes)
 
 
 if __name__ == "__main__":
