@@ -36,7 +36,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from loralite import nf4, precision
+from loralite import nf4, ops, precision
 from loralite import optim as _optim
 from loralite.llama import Llama, LlamaConfig
 from loralite.loss import chunk_tokens
@@ -258,6 +258,13 @@ def _largest_dequantized(model: nn.Module, bits: tuple[int, ...] = (16, 32)) -> 
     return max(sizes, default=0)
 
 
+def _compute_bytes(model: nn.Module) -> int:
+    """Bytes per element of the compute dtype of the largest quantized weight (1 when none)."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    largest = max(layers, key=lambda m: m.in_features * m.out_features, default=None)
+    return 1 if largest is None else torch.finfo(largest.compute_dtype).bits // 8
+
+
 def _largest_transposed(model: nn.Module) -> int:
     """Bytes of the largest transposed dense weight a CPU input gradient makes (``ops.nf4_matmul_t``)."""
     sizes = [m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8 for m in model.modules()
@@ -311,9 +318,13 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     layer_temp = _largest_dequantized(model) + 2 * N * I * e + N * D * e
     if device == "cpu":  # a 16-bit input gradient may multiply a transposed copy too (ops.nf4_matmul_t)
         layer_temp += _largest_transposed(model)
-    # On CPU that dense weight lives in a workspace kept between matmuls (loralite.ops), so it is
-    # also there while the loss is computed and while the optimizer steps.
-    workspace = _largest_dequantized(model) if device == "cpu" else 0
+    # On CPU with loralite._C that dense weight lives in a workspace kept between matmuls (loralite.ops),
+    # so it is also there while the loss is computed and while the optimizer steps. Without it, the
+    # reference decodes through float32 values (4 bytes per weight) beside the dense weight.
+    keeps_workspace = device == "cpu" and ops.cpu_matmuls_keep_workspace()
+    workspace = _largest_dequantized(model) if keeps_workspace else 0
+    if device == "cpu" and not keeps_workspace:
+        layer_temp += 4 * _largest_dequantized(model) // _compute_bytes(model)
     # the loss's and the final norm's saved tensors go first in backward
     released = _loss_saved(config, model, s, live) + (N * D * 4 + N * 4 if live else 0)
     kept = tail - released  # RoPE tables (and unfused targets), until the end of the backward pass

@@ -152,6 +152,12 @@ def quantize_blocks(flat: torch.Tensor, blocksize: int, code: torch.Tensor) -> t
 _workspaces = threading.local()  # .buffers: {dtype: flat CPU tensor}, per thread
 
 
+def cpu_matmuls_keep_workspace() -> bool:
+    """Whether NF4 matmuls on CPU decode into the kept per-thread workspace (the ``cpp`` path);
+    otherwise each decodes into a fresh tensor, through the reference's float32 values."""
+    return HAS_EXTENSION and _mode() == "auto"
+
+
 def _dense_for_matmul(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``q`` dequantized for one matmul. On the ``cpp`` path it lands in the calling thread's
     workspace (grown to the largest weight seen), valid only until the next call."""
