@@ -8,17 +8,15 @@ Two workloads, each a forward + backward with the same LoRA config, weights and 
     with the cross-entropy, a chunk of tokens at a time) and ``model(input_ids=ids, labels=ids).loss``
     (transformers: full float32 logits, then the cross-entropy).
 Runs alternate (loralite, PEFT, loralite, ...) so that load on the shared machine hits both alike;
-the figure is the median time per step and the ratio loralite / PEFT (target: <= 0.8).
+the figures are the median time per step with its min-max, and the ratio of the medians
+loralite / PEFT (target: <= 0.8). The result files record the CPU's model and SIMD features.
 
-    python benchmarks/lora.py [--quick]
+    python benchmarks/lora.py [--quick] [--out-dir benchmarks/results]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -28,11 +26,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 
 import loralite.lora as ll
+from common import RESULTS, Timing, write_results
 from loralite.llama import Llama, rope_frequencies
 from loralite.loading import load_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-RESULTS = Path(__file__).parent / "results"
 
 
 def lora_pair(ours: Llama, r: int, alpha: int, dropout: float):
@@ -83,7 +81,9 @@ def model_steps(ours: Llama, peft_model, batch: int, seq: int):
     return ours_step, peft_step
 
 
-def time_alternating(ours_step, peft_step, models, repeats: int, warmup: int = 2) -> dict:
+def time_alternating(ours_step, peft_step, models, repeats: int, warmup: int = 2) -> dict[str, Timing]:
+    """Seconds per step of each side, steps alternating. Gradients are set to None before every step,
+    so each backward allocates fresh ones, as a training step after ``zero_grad()`` does."""
     times = {"loralite": [], "peft": []}
     for i in range(warmup + repeats):
         for name, step in (("loralite", ours_step), ("peft", peft_step)):
@@ -93,13 +93,13 @@ def time_alternating(ours_step, peft_step, models, repeats: int, warmup: int = 2
             step()
             if i >= warmup:
                 times[name].append(time.perf_counter() - start)
-    ours_s, peft_s = statistics.median(times["loralite"]), statistics.median(times["peft"])
-    return {"loralite_s": ours_s, "peft_s": peft_s, "ratio": ours_s / peft_s, "repeats": repeats}
+    return {name: Timing(samples) for name, samples in times.items()}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller batches and fewer repeats")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS, help="folder for lora.json and lora.md")
     args = parser.parse_args()
     torch.manual_seed(0)
     r, alpha, dropout = 16, 32, 0.05
@@ -108,21 +108,18 @@ def main():
     rows = []
     for label, make, (b, t) in (("decoder layer", layer_steps, layer_shape), ("whole model", model_steps,
                                                                                 model_shape)):
-        result = time_alternating(*make(ours, peft_model, b, t), (ours, peft_model), repeats)
-        rows.append({"workload": label, "batch": b, "seq": t, **result})
-        print(f"{label:14s} B={b} T={t}: loralite {result['loralite_s'] * 1e3:8.1f} ms  "
-              f"PEFT {result['peft_s'] * 1e3:8.1f} ms  ratio {result['ratio']:.2f}")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor(),
-            "config": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": TARGETS, "dtype": "float32"},
-            "quick": args.quick}
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lora.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2) + "\n")
-    lines = ["| workload | batch x seq | loralite (ms) | PEFT (ms) | loralite / PEFT |", "|---|---|---|---|---|"]
-    lines += [f"| {x['workload']} | {x['batch']} x {x['seq']} | {x['loralite_s'] * 1e3:.1f} | "
-              f"{x['peft_s'] * 1e3:.1f} | {x['ratio']:.2f} |" for x in rows]
-    note = (f"\nForward + backward, fp32, CPU ({meta['threads']} threads), LoRA r={r}, alpha={alpha}, "
-            f"dropout={dropout} on {', '.join(TARGETS)}; median of {repeats} alternating runs. Target: <= 0.8.\n")
-    (RESULTS / "lora.md").write_text("\n".join(lines) + "\n" + note)
+        times = time_alternating(*make(ours, peft_model, b, t), (ours, peft_model), repeats)
+        ours_ms, peft_ms = times["loralite"].scaled(1e3), times["peft"].scaled(1e3)
+        rows.append({"workload": label, "batch": b, "seq": t,
+                     "loralite ms/step (median)": ours_ms, "loralite ms/step (min-max)": ours_ms.spread,
+                     "PEFT ms/step (median)": peft_ms, "PEFT ms/step (min-max)": peft_ms.spread,
+                     "loralite / PEFT (medians, target <= 0.8)": ours_ms / peft_ms})
+    config = {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": TARGETS, "dtype": "float32"}
+    write_results("lora", rows, folder=args.out_dir,
+                  meta={"config": config, "repeats": repeats, "warmup": 2, "quick": args.quick},
+                  notes=f"Forward + backward, fp32, CPU ({torch.get_num_threads()} threads), LoRA r={r}, "
+                        f"alpha={alpha}, dropout={dropout} on {', '.join(TARGETS)}; median and min-max of "
+                        f"{repeats} alternating runs after 2 warm-up runs each. Target: <= 0.8.")
 
 
 if __name__ == "__main__":

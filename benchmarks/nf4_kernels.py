@@ -4,8 +4,10 @@ CPU: GB/s of NF4 (double-quant) dequantization to bf16 -- loralite's C++ operato
 PyTorch reference and bitsandbytes' CPU dequantize -- against the copy bandwidth
 (``torch.Tensor.copy_`` of a large buffer into an existing one) measured in the same run.
 Bytes counted: packed codes + scale codes + nested scales read, plus the bf16 output written
-(a copy: read + write). The C++ operator is timed twice: writing into a reused buffer (like
-the copy) and into a fresh tensor, whose first-touch page faults the allocation pays for.
+(a copy: read + write). Both libraries are timed writing into a reused buffer (like the copy;
+``out=``) and into a fresh tensor, whose first-touch page faults the allocation pays for; a
+form a library does not offer on this device gets a row that says so. All CPU methods run in
+turns (``common.time_alternating``): median and min-max per method.
 
 GPU (only where CUDA is available): ``loralite.ops.nf4_matmul`` (Triton; the CUDA GEMV at
 M <= 8 when built) against bitsandbytes (dequantize + cuBLAS, and its 4-bit GEMV
@@ -19,15 +21,14 @@ M <= 8 when built) against bitsandbytes (dequantize + cuBLAS, and its 4-bit GEMV
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import importlib.util
 import json
-import os
 import pathlib
-import platform
-import time
 
 import torch
 
+from common import Timing, machine_info, time_alternating
 from loralite import nf4, ops
 from loralite.files import atomic_write_text
 
@@ -36,48 +37,73 @@ GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 
 GPU_ROWS = [1, 16, 128, 2048, 8192]
 
 
-def _seconds(fn, repeats: int) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after one warm-up (CPU)."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+# The CPU methods, by where they write: a reused buffer (as the copy does) or a fresh tensor, whose
+# first-touch page faults the allocation pays for.
+REUSED, FRESH = "reused buffer", "fresh tensor"
+COPY, REFERENCE = "copy_ (read + write)", "PyTorch reference (NF4Tensor.dequantize)"
+LORALITE = {REUSED: "loralite C++ (ops.dequantize(out=))", FRESH: "loralite C++ (ops.dequantize)"}
+BNB = {REUSED: "bitsandbytes dequantize_4bit(out=)", FRESH: "bitsandbytes dequantize_4bit"}
+CPU_REPEATS = {False: 11, True: 5}  # timed runs per method, by --quick
+CPU_ROWS = [(COPY, REUSED), (LORALITE[REUSED], REUSED), (BNB[REUSED], REUSED),
+            (LORALITE[FRESH], FRESH), (BNB[FRESH], FRESH), (REFERENCE, FRESH)]
+
+
+def _bnb_cpu(w: torch.Tensor, buffer: torch.Tensor) -> tuple[dict, dict]:
+    """bitsandbytes' dequantize of ``w``'s NF4 form: ({method: function}, {method: why it is missing})."""
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {}, {method: "bitsandbytes not installed" for method in BNB.values()}
+    import bitsandbytes.functional as bnbf
+
+    packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    fns = {BNB[FRESH]: lambda: bnbf.dequantize_4bit(packed, state)}
+    try:
+        bnbf.dequantize_4bit(packed, state, out=buffer)
+    except NotImplementedError:  # bitsandbytes 0.50.2 registers dequantize_4bit.out for GPUs only
+        return fns, {BNB[REUSED]: "not offered by bitsandbytes on CPU (no CPU dequantize_4bit.out kernel)"}
+    fns[BNB[REUSED]] = lambda: bnbf.dequantize_4bit(packed, state, out=buffer)
+    return fns, {}
 
 
 def cpu_section(quick: bool) -> list[dict]:
+    """One row per method; each loralite row has bitsandbytes writing the same way beside it."""
+    # Rows of whole 64-element blocks: bitsandbytes 0.50.2's AVX-512 CPU dequantize is wrong where
+    # a row's length is not a multiple of the blocksize.
     n, k = (2048, 4096) if quick else (4096, 4096)
-    repeats = 5 if quick else 11
     w = torch.randn(n, k, dtype=torch.bfloat16) * 0.02
     q = nf4.quantize(w, 64, double_quant=True)
     moved = q.nbytes - q.code.numel() * 4 - q.nested_code.numel() * 4 + w.numel() * 2  # bytes in + out
     src = torch.randn(w.numel())  # float32: as many bytes as the bf16 output, twice over
     dst = torch.empty_like(src)
-    rows = [dict(method="copy_ (read + write)", seconds=_seconds(lambda: dst.copy_(src), repeats),
-                 bytes=2 * src.numel() * 4)]
+    buffer = torch.empty(n, k, dtype=torch.bfloat16)  # one for both libraries: the same pages, warm
+    fns = {COPY: lambda: dst.copy_(src), REFERENCE: lambda: q.dequantize(torch.bfloat16)}
     if ops.HAS_EXTENSION:
-        buffer = torch.empty(n, k, dtype=torch.bfloat16)
-        rows.append(dict(method="loralite C++, into a reused buffer (ops.dequantize(out=))", bytes=moved,
-                         seconds=_seconds(lambda: ops.dequantize(q, torch.bfloat16, out=buffer), repeats)))
-        rows.append(dict(method="loralite C++, fresh output (ops.dequantize)", bytes=moved,
-                         seconds=_seconds(lambda: ops.dequantize(q, torch.bfloat16), repeats)))
-    rows.append(dict(method="PyTorch reference (NF4Tensor.dequantize)", bytes=moved,
-                     seconds=_seconds(lambda: q.dequantize(torch.bfloat16), repeats)))
-    if importlib.util.find_spec("bitsandbytes") is not None:
-        import bitsandbytes.functional as bnbf
-
-        packed, state = bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
-        rows.append(dict(method="bitsandbytes dequantize_4bit (CPU)", bytes=moved,
-                         seconds=_seconds(lambda: bnbf.dequantize_4bit(packed, state), repeats)))
-    copy_rate = rows[0]["bytes"] / rows[0]["seconds"]
-    reference = next(row for row in rows if row["method"].startswith("PyTorch reference"))
-    for row in rows:
-        rate = row["bytes"] / row["seconds"]
-        row.update(shape=[n, k], threads=torch.get_num_threads(), gb_per_s=rate / 1e9,
-                   pct_of_copy=100 * rate / copy_rate, speedup_vs_reference=reference["seconds"] / row["seconds"])
+        fns[LORALITE[REUSED]] = lambda: ops.dequantize(q, torch.bfloat16, out=buffer)
+        fns[LORALITE[FRESH]] = lambda: ops.dequantize(q, torch.bfloat16)
+    bnb_fns, missing = _bnb_cpu(w, buffer)
+    times = time_alternating({**fns, **bnb_fns}, CPU_REPEATS[quick])
+    copy_rate = 2 * src.numel() * 4 / times[COPY]
+    rows = []
+    for method, output in CPU_ROWS:
+        if method not in times and method not in missing:
+            continue  # loralite without its extension: no C++ rows
+        row = dict(method=method, output=output, shape=[n, k], threads=torch.get_num_threads(),
+                   bytes=2 * src.numel() * 4 if method == COPY else moved)
+        row.update(_rates(times.get(method), row["bytes"], copy_rate, times[REFERENCE], missing.get(method)))
+        if method in LORALITE.values() and BNB[output] in times:
+            row["ratio_vs_bnb_same_output"] = times[method] / times[BNB[output]]
+        rows.append(row)
     return rows
+
+
+def _rates(timing: Timing | None, moved: int, copy_rate: float, reference: float,
+           missing: str | None) -> dict:
+    """A row's timing columns; for a method not offered, the reason in place of its time."""
+    if timing is None:
+        return dict(ms_median=missing, ms_min_max="-", gb_per_s="-", pct_of_copy="-",
+                    speedup_vs_reference="-", ratio_vs_bnb_same_output="-")
+    ms, rate = timing.scaled(1e3), moved / timing
+    return dict(ms_median=ms, ms_min_max=ms.spread, gb_per_s=rate / 1e9, pct_of_copy=100 * rate / copy_rate,
+                speedup_vs_reference=reference / timing, ratio_vs_bnb_same_output="-")
 
 
 def _bnb_cuda(w: torch.Tensor):
@@ -145,12 +171,24 @@ def gpu_section(quick: bool) -> dict:
                 gemv_built=hasattr(torch.ops.loralite, "nf4_gemv"), rows=rows)
 
 
+def _number(value, fmt: str) -> str:
+    """``value`` formatted, or as it is where it holds a reason instead of a number."""
+    return format(value, fmt) if isinstance(value, (int, float)) else str(value)
+
+
 def _markdown(result: dict) -> str:
-    lines = [f"# NF4 kernels ({result['machine']})", "", "## CPU: dequantize NF4 (double quant) to bf16", "",
-             "| method | shape | threads | GB/s | % of copy | x reference |", "| --- | --- | --- | --- | --- | --- |"]
+    meta = ", ".join(f"{key}: {value}" for key, value in result["meta"].items())
+    lines = ["# NF4 kernels", "", meta, "", "## CPU: dequantize NF4 (double quant) to bf16", "",
+             f"Median (min-max) of {result['meta']['cpu_repeats']} alternating runs after a warm-up; GB/s, "
+             "% of copy and x reference at the median.", "",
+             "| method | output | shape | threads | ms: median (min-max) | GB/s | % of copy | x reference "
+             "| loralite / bnb time, same output |", "|" + " --- |" * 9]
     for r in result["cpu"]:
-        lines.append(f"| {r['method']} | {r['shape'][0]}x{r['shape'][1]} | {r['threads']} | {r['gb_per_s']:.2f} "
-                     f"| {r['pct_of_copy']:.0f}% | {r['speedup_vs_reference']:.1f} |")
+        ms = _number(r["ms_median"], ".3g") + ("" if r["ms_min_max"] == "-" else f" ({r['ms_min_max']})")
+        lines.append(f"| {r['method']} | {r['output']} | {r['shape'][0]}x{r['shape'][1]} | {r['threads']} "
+                     f"| {ms} | {_number(r['gb_per_s'], '.2f')} | {_number(r['pct_of_copy'], '.0f')} "
+                     f"| {_number(r['speedup_vs_reference'], '.1f')} "
+                     f"| {_number(r['ratio_vs_bnb_same_output'], '.2f')} |")
     gpu = result["gpu"]
     lines += ["", "## GPU: y = x @ W.T, W NF4 (N, K), x bf16 (M, K)", ""]
     if gpu is None:
@@ -180,8 +218,10 @@ def main() -> None:
     parser.add_argument("--out-dir", default=pathlib.Path(__file__).parent / "results", type=pathlib.Path,
                         help="folder for nf4_kernels.json and nf4_kernels.md")
     args = parser.parse_args()
-    result = dict(machine=f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
-                  quick=args.quick, extension_built=ops.HAS_EXTENSION, cpu=cpu_section(args.quick),
+    bnb = importlib.metadata.version("bitsandbytes") if importlib.util.find_spec("bitsandbytes") else None
+    meta = dict(**machine_info(), bitsandbytes=bnb, quick=args.quick, extension_built=ops.HAS_EXTENSION,
+                cpu_repeats=CPU_REPEATS[args.quick])
+    result = dict(meta=meta, cpu=cpu_section(args.quick),
                   gpu=gpu_section(args.quick) if torch.cuda.is_available() else None)
     args.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out_dir / "nf4_kernels.json", json.dumps(result, indent=2) + "\n")

@@ -9,11 +9,15 @@ records, and every dict of records, becomes a table. Three plots (PNG, next to t
 - ``report_speed.png``: every ratio column (loralite / peer, or speedups) of every suite;
 - ``report_kernels.png``: every throughput column (GB/s, TFLOP/s) against the ceiling rows.
 
-    python benchmarks/report.py
+A cell may hold text where a number has no meaning (a method a library does not offer), and
+timings come with a min-max column beside their median; plots skip both.
+
+    python benchmarks/report.py [--folder benchmarks/results]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -28,6 +32,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGET_GB = 24  # the consumer-GPU target (RTX 3090 / 4090), in GB = 1e9 bytes
 SIZES = ["llama-2-7b", "llama-2-13b", "llama-33b", "llama-2-70b"]
+RATIO_WORDS = ("ratio", "speedup", "loralite / ")  # column names of loralite / peer figures
+SPREAD_WORDS = ("min-max", "min_max")  # column names of a timing's spread, which names no row
 
 
 def _flat(record: dict, prefix: str = "") -> dict:
@@ -79,8 +85,32 @@ def markdown(rows: list[dict]) -> str:
     return "\n".join(lines + ["| " + " | ".join(_cell(r.get(c, "")) for c in columns) + " |" for r in rows])
 
 
-def _label(row: dict) -> str:
-    return ", ".join(str(v) for k, v in row.items() if isinstance(v, str) or isinstance(v, bool))[:60]
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _text(row: dict) -> str:
+    """The row's text cells (what it measures), without spreads and stand-ins for numbers."""
+    return ", ".join(str(v) for k, v in row.items() if isinstance(v, (str, bool)) and v != "-"
+                     and not any(w in k.lower() for w in SPREAD_WORDS))[:60]
+
+
+def _varying_integers(rows: list[dict]) -> list[str]:
+    """Columns whose whole numbers differ between ``rows`` (threads, tokens, shapes)."""
+    columns = dict.fromkeys(c for r in rows for c in r)
+    return [c for c in columns
+            if len({r[c] for r in rows if isinstance(r.get(c), int) and not isinstance(r[c], bool)}) > 1]
+
+
+def _labels(rows: list[dict]) -> list[str]:
+    """A label per row: its text, and where rows share a text, the whole numbers that tell them apart."""
+    texts = [_text(row) for row in rows]
+    groups: dict[str, list[dict]] = {}
+    for text, row in zip(texts, rows):
+        groups.setdefault(text, []).append(row)
+    varying = {text: _varying_integers(group) for text, group in groups.items()}
+    return [", ".join([text] + [f"{c}={row[c]}" for c in varying[text] if _is_number(row.get(c))])
+            for text, row in zip(texts, rows)]
 
 
 def plot_memory(suites: dict, out: Path) -> None:
@@ -112,9 +142,11 @@ def plot_memory(suites: dict, out: Path) -> None:
 
 
 def _numeric_columns(rows: list[dict], words: tuple[str, ...]) -> list[str]:
+    """Columns named with one of ``words`` that hold numbers, text in some rows at most."""
     columns = dict.fromkeys(c for r in rows for c in r)
     return [c for c in columns if any(w in c.lower() for w in words)
-            and all(isinstance(r.get(c), (int, float)) for r in rows if c in r)]
+            and any(_is_number(r.get(c)) for r in rows)
+            and all(_is_number(r[c]) or isinstance(r[c], str) for r in rows if c in r)]
 
 
 def plot_bars(suites: dict, words: tuple[str, ...], out: Path, xlabel: str, line: float | None,
@@ -122,11 +154,12 @@ def plot_bars(suites: dict, words: tuple[str, ...], out: Path, xlabel: str, line
     """One horizontal bar per (suite, row, column) whose column name has one of ``words``."""
     bars = []
     for name, rows in suites.items():
+        labels = _labels(rows)
         for column in _numeric_columns(rows, words):
-            for row in rows:
-                if isinstance(row.get(column), (int, float)) and math.isfinite(row[column]):
-                    ceiling = any(w in _label(row).lower() for w in ceiling_words)
-                    bars.append((f"{name}: {_label(row)} [{column}]", row[column], ceiling))
+            for row, label in zip(rows, labels):
+                if _is_number(row.get(column)) and math.isfinite(row[column]):
+                    ceiling = any(w in label.lower() for w in ceiling_words)
+                    bars.append((f"{name}: {label} [{column}]", row[column], ceiling))
     if not bars:
         return False
     fig, ax = plt.subplots(figsize=(9, 0.3 * len(bars) + 1.2))
@@ -156,7 +189,7 @@ def main(folder: Path = RESULTS) -> Path:
         sections.append(f"## {path.stem}\n\n{meta}\n\n{body or '(no table in this file)'}\n")
     plot_memory({k: v for k, v in suites.items() if k.startswith("memory")}, folder / "report_memory.png")
     plots = ["![memory](report_memory.png)"]
-    if plot_bars(suites, ("ratio", "speedup"), folder / "report_speed.png", "ratio (see each column)", 1.0):
+    if plot_bars(suites, RATIO_WORDS, folder / "report_speed.png", "ratio (see each column)", 1.0):
         plots.append("![speed](report_speed.png)")
     if plot_bars(suites, ("gb_per_s", "gbps", "tflop", "pct_of"), folder / "report_kernels.png",
                  "throughput (GB/s, TFLOP/s or % of the ceiling)", None, ("copy", "ceiling", "peak")):
@@ -173,4 +206,7 @@ def main(folder: Path = RESULTS) -> Path:
 
 
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", type=Path, default=RESULTS,
+                        help="folder of the *.json results; report.md and the plots are written there")
+    main(parser.parse_args().folder)
