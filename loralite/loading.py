@@ -9,6 +9,7 @@ Pickled checkpoints (``.bin``, ``.pt``) are refused: unpickling runs arbitrary c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import struct
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from loralite import gguf, nf4
+from loralite import gguf, nf4, precision
 from loralite.files import atomic_write_bytes, atomic_write_json
 from loralite.llama import Llama, LlamaConfig
 from loralite.quantize import Linear4bit, NF4Config, quantize_model
@@ -232,8 +233,11 @@ def load_model(path, dtype: torch.dtype = torch.float32, device="cpu",
             registered name (``gguf.resolve_model_path``).
         dtype: dtype of the floating-point (non-quantized) weights.
         device: where the weights go.
-        quantize: quantize the linears to NF4 layer by layer while loading.
+        quantize: quantize the linears to NF4 layer by layer while loading (a compute dtype of
+            "auto" is resolved for ``device``).
     """
+    if quantize is not None:
+        quantize = dataclasses.replace(quantize, compute_dtype=precision.resolve(quantize.compute_dtype, device))
     path = gguf.resolve_model_path(path)
     if path.is_file() and path.suffix in (".bin", ".pt", ".pth"):
         raise CheckpointError(f"{path}: pickled checkpoints are refused (unpickling can run "

@@ -104,6 +104,15 @@ def test_saved_4bit_folder_loads_in_transformers(dense, tmp_path):
         torch.testing.assert_close(load_model(tmp_path)(IDS), ours(IDS), atol=0, rtol=0)
 
 
+def test_auto_compute_dtype_is_resolved_for_the_load_device(dense, monkeypatch):
+    from loralite import precision
+
+    for prefers_bf16, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda: prefers_bf16)
+        model = load_model(dense, quantize=ll.NF4Config())  # compute_dtype="auto"
+        assert {m.compute_dtype for m in model.modules() if isinstance(m, Linear4bit)} == {expected}
+
+
 def test_already_quantized_with_quantize_is_an_error(dense, tmp_path):
     save_model(load_model(dense, quantize=FP32_NF4), tmp_path)
     with pytest.raises(ValueError, match="already 4-bit"):

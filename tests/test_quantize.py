@@ -93,7 +93,8 @@ def test_bitsandbytes_state_dict_loads_and_round_trips():
     layer = Linear4bit.from_bnb_state_dict(sd, "", compute_dtype=torch.float32)
     assert layer.weight.quant_type == "fp4" and not layer.weight.double_quant
     x = torch.randn(2, 64)
-    expected = x @ dequantize_by_definition(sd, "weight").T + sd["bias"]  # not bitsandbytes' CPU forward (see below)
+    # the definition, not bitsandbytes' CPU forward (see the test below)
+    expected = x @ dequantize_by_definition(sd, "weight").T + sd["bias"]
     assert torch.allclose(layer(x), expected, atol=1e-5)
 
     _, other = make_layer(in_features=64, out_features=48, seed=1)
@@ -239,7 +240,8 @@ def test_auto_compute_dtype_is_fixed_when_the_layer_is_built(monkeypatch, prefer
     assert NF4Config().compute_dtype == "auto"
     layer = Linear4bit.from_linear(nn.Linear(64, 32), NF4Config())
     assert layer.compute_dtype == expected
-    assert NF4Config().to_hf_quantization_config()["bnb_4bit_compute_dtype"] == str(expected).removeprefix("torch.")
+    written = NF4Config().to_hf_quantization_config()["bnb_4bit_compute_dtype"]
+    assert written == str(expected).removeprefix("torch.")
 
 
 def test_quantize_model_refuses_a_model_with_lora():
