@@ -30,10 +30,20 @@ def _dtype(name: str, device: str = "cpu") -> torch.dtype:
     return precision.auto_dtype(device) if name == "auto" else DTYPES[name]
 
 
+def _device(args) -> str:
+    """--device, by default CUDA where torch sees a GPU, else the CPU."""
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _add_device(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", help=f"where {what} (cpu, cuda, cuda:1, ...); default: cuda when available")
+
+
 def cmd_generate(args):
     import loralite as ll
 
-    model = ll.load_model(args.model, dtype=_dtype(args.dtype))
+    device = _device(args)
+    model = ll.load_model(args.model, dtype=_dtype(args.dtype, device), device=device)
     tok = ll.load_tokenizer(args.model)
     if args.adapter:
         ll.load_adapter(model, args.adapter)
@@ -49,7 +59,7 @@ def cmd_generate(args):
 def cmd_convert(args):
     import loralite as ll
 
-    model = ll.load_model(args.source, dtype=DTYPES[args.dtype])
+    model = ll.load_model(args.source, dtype=DTYPES[args.dtype], device=_device(args))
     tok = ll.load_tokenizer(args.source)
     ll.save_model(model, args.out_dir, tokenizer=tok)
     print(f"wrote {args.out_dir} ({sum(p.numel() for p in model.parameters()):,} parameters)")
@@ -60,7 +70,7 @@ def cmd_quantize(args):
 
     config = ll.NF4Config(quant_type=args.quant_type, double_quant=not args.no_double_quant,
                           compute_dtype=DTYPES[args.compute_dtype])
-    model = ll.load_model(args.source, dtype=DTYPES[args.dtype], quantize=config)
+    model = ll.load_model(args.source, dtype=DTYPES[args.dtype], device=_device(args), quantize=config)
     tok = ll.load_tokenizer(args.source)
     ll.save_model(model, args.out_dir, tokenizer=tok)
     print(f"wrote {args.out_dir} (bitsandbytes 4-bit layout, {args.quant_type}, "
@@ -98,20 +108,20 @@ def cmd_train(args):
         options["resume_from_checkpoint"] = True
     config = TrainConfig.from_dict(options, source=args.config or "command line")
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    device = "cpu"
+    device = _device(args)
     if distributed:
-        cuda = torch.cuda.is_available()
+        cuda = torch.device(device).type == "cuda"
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
+        if cuda:  # one GPU per rank
             device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(device)
     try:
-        # float32 weights: the adapters, norms and embeddings keep float32 under a bf16 autocast
-        model = ll.load_model(args.model, dtype=torch.float32, device=device)
+        bf16 = autocasts_bf16(config.bf16, device)
+        # --qlora quantizes each linear as it is read, so the dense base never exists whole (a 7B
+        # in float32 would be 27 GB); the other weights load in float32, the adapters train in it
+        quant = ll.NF4Config(compute_dtype=torch.bfloat16 if bf16 else torch.float32) if args.qlora else None
+        model = ll.load_model(args.model, dtype=torch.float32, device=device, quantize=quant)
         tok = ll.load_tokenizer(args.model)
-        if args.qlora:
-            bf16 = autocasts_bf16(config.bf16, device)
-            ll.quantize_model(model, ll.NF4Config(compute_dtype=torch.bfloat16 if bf16 else torch.float32))
         torch.manual_seed(config.seed)  # the same adapter initialisation on every rank
         ll.add_lora(model, _lora_config(args, alpha=args.alpha))
         history = train(model, tok, args.data, config)
@@ -135,7 +145,7 @@ def _lora_config(args, alpha: float | None = None):
 def cmd_merge(args):
     import loralite as ll
 
-    model = ll.load_model(args.model, dtype=DTYPES[args.dtype])
+    model = ll.load_model(args.model, dtype=DTYPES[args.dtype], device=_device(args))
     tok = ll.load_tokenizer(args.model)
     ll.load_adapter(model, args.adapter)
     ll.save_model(ll.merge_and_unload(model), args.out, tokenizer=tok)
@@ -180,12 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=COMPUTE_DTYPES, default="auto",
                    help="dtype of the weights and the compute; auto: bfloat16 on CUDA and on CPUs with bf16 units "
                         "(AVX512-BF16, AMX) where it measures faster, float32 elsewhere")
+    _add_device(g, "the model runs")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("convert", help="write a GGUF (or HF) model as an HF checkpoint folder")
     c.add_argument("source", help="a .gguf file, an HF folder or 'smollm2-135m'")
     c.add_argument("out_dir")
     c.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_device(c, "the weights are loaded")
     c.set_defaults(func=cmd_convert)
 
     q = sub.add_parser("quantize", help="write a model as a bitsandbytes 4-bit HF folder (NF4/FP4)")
@@ -195,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-double-quant", action="store_true", help="keep the block scales in float32")
     q.add_argument("--compute-dtype", choices=DTYPES, default="bfloat16")
     q.add_argument("--dtype", choices=DTYPES, default="bfloat16", help="dtype of the unquantized weights")
+    _add_device(q, "the weights are quantized")
     q.set_defaults(func=cmd_quantize)
 
     t = sub.add_parser("train", help="fine-tune a LoRA (or QLoRA) adapter; works under torchrun")
@@ -218,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dtype", choices=TRAIN_DTYPES,
                    help="compute dtype (default auto: bfloat16 on CUDA and on CPUs with bf16 units where it measures "
                         "faster, float32 elsewhere); bfloat16 autocasts float32 weights, as TrainConfig.bf16 does")
+    _add_device(t, "the model trains (under torchrun, CUDA means one GPU per rank)")
     t.set_defaults(func=cmd_train)
 
     m = sub.add_parser("merge", help="fold an adapter into its base and write an HF checkpoint folder")
@@ -225,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--adapter", required=True, help="a PEFT-layout adapter folder")
     m.add_argument("--out", required=True, help="output folder (config.json, model.safetensors, tokenizer)")
     m.add_argument("--dtype", choices=DTYPES, default="float32")
+    _add_device(m, "the adapter is merged")
     m.set_defaults(func=cmd_merge)
 
     e = sub.add_parser("estimate", help="memory of a LoRA/QLoRA training step, by part")
