@@ -258,6 +258,18 @@ def _largest_dequantized(model: nn.Module, bits: tuple[int, ...] = (16, 32)) -> 
     return max(sizes, default=0)
 
 
+def _largest_dense_temporary(model: nn.Module, tokens: int, device: str) -> int:
+    """Bytes of the largest dense weight a matmul of ``tokens`` rows materializes: every NF4 weight
+    on CPU; on CUDA only those that the fused Triton kernels do not take (``ops.FUSED_MAX_ROWS``,
+    at its smallest, and rows of whole blocks)."""
+    if device != "cuda":
+        return _largest_dequantized(model)
+    fused = tokens <= min(ops.FUSED_MAX_ROWS.values())
+    sizes = [m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8 for m in model.modules()
+             if isinstance(m, Linear4bit) and not (fused and m.weight.rows_hold_whole_blocks)]
+    return max(sizes, default=0)
+
+
 def _compute_bytes(model: nn.Module) -> int:
     """Bytes per element of the compute dtype of the largest quantized weight (1 when none)."""
     layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
@@ -315,7 +327,7 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     N, D, I = s.N, config.hidden_size, config.intermediate_size
     # Backward through a layer's down_proj: its dense weight, d(gate*up) from the base and the
     # adapter (N, I) each, and d(output) (N, D); the log-probs and final norm are released by then.
-    layer_temp = _largest_dequantized(model) + 2 * N * I * e + N * D * e
+    layer_temp = _largest_dense_temporary(model, N, device) + 2 * N * I * e + N * D * e
     if device == "cpu":  # a 16-bit input gradient may multiply a transposed copy too (ops.nf4_matmul_t)
         layer_temp += _largest_transposed(model)
     # On CPU with loralite._C that dense weight lives in a workspace kept between matmuls (loralite.ops),

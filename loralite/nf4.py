@@ -253,6 +253,12 @@ class NF4Tensor:
         return self.shape.numel()
 
     @property
+    def rows_hold_whole_blocks(self) -> bool:
+        """Whether each row of a 2-D weight is a whole number of quantization blocks (K % blocksize
+        == 0), so a row's codes start on a byte and its scales on a block: what a tiled decode needs."""
+        return len(self.shape) == 2 and self.shape[1] % self.blocksize == 0
+
+    @property
     def nbytes(self) -> int:
         """Bytes of every tensor held: packed codes, scales, nested scales and both codebooks."""
         tensors = [self.data, self.absmax, self.code, self.nested_absmax, self.nested_code]

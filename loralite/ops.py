@@ -5,9 +5,27 @@ matmul; the fast paths compute the same numbers:
 
 | tensors | path | dequantize | matmuls |
 | --- | --- | --- | --- |
-| CUDA | ``triton`` | ``loralite.kernels.nf4_dequantize`` | ``loralite.kernels.nf4_matmul{,_t}``; ``loralite._C``'s GEMV for x @ W.T with M <= 8 rows |
+| CUDA | ``triton`` | ``loralite.kernels.nf4_dequantize`` | by rows M (the table below) |
 | CPU, ``loralite._C`` built | ``cpp`` | ``torch.ops.loralite.nf4_dequantize`` (and ``nf4_quantize`` for quantizing) | its dense weight (in a kept workspace), then ``torch.matmul``; 16-bit input gradients on a transposed copy where the CPU lacks units for that dtype (``precision.transposes_16bit_gradient``) |
 | otherwise | ``reference`` | ``q.dequantize`` | its dense weight, then ``torch.matmul`` |
+
+On CUDA the NF4 matmuls choose by the number of rows M (tokens) of the input:
+
+| M | x @ W.T | g @ W |
+| --- | --- | --- |
+| 1 to ``GEMV_MAX_ROWS`` (8) | ``loralite._C``'s GEMV (when built with CUDA; else as the next row) | as the next row |
+| up to ``fused_max_rows(device)`` | ``loralite.kernels.nf4_matmul``: tiles decoded on chip | ``nf4_matmul_t`` |
+| more | ``kernels.nf4_dequantize``, then ``torch.matmul`` (cuBLAS) | the same |
+
+The crossover is derived, not yet measured on a GPU: the dequantize path moves about 4.5 more
+bytes per weight (write 2, read 2, read the 0.5 packed) than the fused kernel, and its matmul
+runs at cuBLAS' rate F; the fused kernel's main loop issues about 4 to 6 times the instructions
+of a plain bf16 matmul per tensor-core instruction (``benchmarks/results/kernel_static.md``), so
+when compute-bound it runs at roughly a quarter of F. Equal times give
+M = 4.5 F / (2 B (1 / 0.25 - 1)) with B the memory bandwidth: about 120 on an RTX 4090
+(F = 165 TFLOP/s, B = 1.0 TB/s) and about 220 on an H100/H200 (990 TFLOP/s, 3.35-4.8 TB/s),
+hence ``FUSED_MAX_ROWS``. Weights whose rows do not hold whole quantization blocks always take
+the dequantize path (``NF4Tensor.rows_hold_whole_blocks``).
 
 Decoding on CPU (no autograd) has fast paths in ``loralite._C`` beside each reference here:
 ``linear`` sends products of 1 to 4 rows to ``gemv``, which streams each weight once at close to
@@ -46,6 +64,9 @@ from loralite.nf4 import NF4Tensor
 _MODES = ("auto", "reference", "triton")
 # Largest number of rows (tokens) that takes the CUDA GEMV.
 GEMV_MAX_ROWS = 8
+# Largest number of rows that takes the fused Triton matmuls on CUDA, by the major compute
+# capability (derived in the module docstring); larger products dequantize, then use cuBLAS.
+FUSED_MAX_ROWS = {8: 128, 9: 256}
 # Largest number of rows that takes the CPU GEMV for dense weights (loralite::gemv).
 CPU_GEMV_MAX_ROWS = 4
 
@@ -333,6 +354,21 @@ def release_workspaces() -> None:
     _workspaces.__dict__.pop("buffers", None)
 
 
+def fused_max_rows(device: torch.device) -> int:
+    """The most rows a fused Triton NF4 matmul takes on this CUDA device (``FUSED_MAX_ROWS``)."""
+    major = torch.cuda.get_device_capability(device)[0]
+    return FUSED_MAX_ROWS.get(major, FUSED_MAX_ROWS[9] if major > 9 else FUSED_MAX_ROWS[8])
+
+
+def _takes_fused(a: torch.Tensor, q: NF4Tensor) -> bool:
+    """On the ``triton`` path: whether the fused kernel computes this product (the table above);
+    ``LORALITE_KERNELS=triton`` forces it for every size (the tests of the kernels)."""
+    if _mode() == "triton":
+        return True
+    rows = a.numel() // max(a.shape[-1], 1)
+    return q.rows_hold_whole_blocks and rows <= fused_max_rows(a.device)
+
+
 def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``x @ W.T`` for the NF4 weight ``W`` of shape (out, in); x: (..., in) -> (..., out)."""
     if _uses_gemv(x, q):
@@ -340,7 +376,7 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
         y = torch.ops.loralite.nf4_gemv(x2, q.data, q.absmax, q.nested_absmax, q.nested_code,
                                         q.offset, q.code, q.shape[0], q.shape[1], q.blocksize)
         return y.reshape(*x.shape[:-1], q.shape[0])
-    if _path(x) == "triton":
+    if _path(x) == "triton" and _takes_fused(x, q):
         from loralite import kernels
         return kernels.nf4_matmul(x, q)
     return x @ _dense_for_matmul(q, x.dtype).T
@@ -348,7 +384,7 @@ def nf4_matmul(x: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
 
 def nf4_matmul_t(g: torch.Tensor, q: NF4Tensor) -> torch.Tensor:
     """``g @ W``, the input gradient of ``nf4_matmul``; g: (..., out) -> (..., in)."""
-    if _path(g) == "triton":
+    if _path(g) == "triton" and _takes_fused(g, q):
         from loralite import kernels
         return kernels.nf4_matmul_t(g, q)
     dense = _dense_for_matmul(q, g.dtype)  # (out, in)

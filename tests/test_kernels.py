@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import triton  # noqa: E402
 
 from loralite import kernels, nf4  # noqa: E402
+from loralite.kernels.nf4_matmul import fuses  # noqa: E402
 from loralite.quantize import Linear4bit, NF4Config  # noqa: E402
 
 # Error allowed against the float64 product of the same (dtype-rounded) x and W: one rounding
@@ -28,8 +29,13 @@ TOLERANCE = {
 }
 # M -> (weight (out, in), leading shape of x): Llama-like shapes scaled down for the interpreter,
 # up/gate proj and down proj (intermediate ~ 2.7x hidden); K = 176 and 72 are not multiples
-# of the 64-wide tiles, nor 72 of the 64-element quantization block.
+# of the 64-element quantization block, so blocks span rows and the kernels' fallback (Triton
+# dequantize, then a matmul) serves them.
 MATMUL_CASES = {1: ((176, 64), (1,)), 5: ((64, 176), (5,)), 130: ((40, 72), (2, 65))}
+# Shapes the fused kernel takes (rows of whole blocks): partial tiles in every dimension
+# (N = 40, K = 192 is not a multiple of 128-wide tiles), and blocksizes above the 64-wide tiles.
+FUSED_CASES = [((40, 192), 64, 1), ((40, 192), 64, 37), ((96, 256), 128, 5), ((48, 512), 256, 130),
+               ((64, 128), 64, 20)]
 
 
 def test_kernels_run_where_expected():
@@ -78,6 +84,25 @@ def test_matmul_and_its_transpose(m, dtype):
     dx = kernels.nf4_matmul_t(g, q)
     assert dx.shape == x.shape and dx.dtype == dtype
     torch.testing.assert_close(dx.float(), _exact(g, w), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("shape, blocksize, m", FUSED_CASES)
+def test_fused_matmul_and_its_transpose(shape, blocksize, m, quant_type, double_quant):
+    q = nf4.quantize(_weight(shape, seed=m), blocksize, double_quant, quant_type)
+    assert fuses(q)
+    for dtype in (torch.bfloat16, torch.float32):
+        w = q.dequantize(dtype)  # (n, k)
+        x = torch.randn(m, shape[1], device=DEVICE).to(dtype)
+        torch.testing.assert_close(kernels.nf4_matmul(x, q).float(), _exact(x, w.T), **TOLERANCE[dtype])
+        g = torch.randn(m, shape[0], device=DEVICE).to(dtype)
+        torch.testing.assert_close(kernels.nf4_matmul_t(g, q).float(), _exact(g, w), **TOLERANCE[dtype])
+
+
+def test_blocks_spanning_rows_take_the_fallback():
+    assert not fuses(nf4.quantize(_weight((40, 72)), 64)) and fuses(nf4.quantize(_weight((40, 128)), 64))
+    assert not fuses(nf4.quantize(_weight((4, 64)), 128))
 
 
 @pytest.mark.parametrize("m", [1, 130])

@@ -189,3 +189,17 @@ def test_llama_project_groups_plain_linears_only_while_decoding(monkeypatch):
     for a, b, c in zip(grouped, hooked, expected):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("major, limit", [(8, 128), (9, 256), (10, 256), (7, 128)])
+def test_cuda_dispatch_by_size(monkeypatch, major, limit):
+    """The fused kernels up to FUSED_MAX_ROWS rows for weights of whole-block rows; beyond, cuBLAS."""
+    monkeypatch.delenv("LORALITE_KERNELS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (major, 0))
+    whole, spanning = nf4.quantize(torch.randn(32, 128)), nf4.quantize(torch.randn(32, 96))
+    assert ops.fused_max_rows(torch.device("cuda")) == limit
+    for rows, expected in ((1, True), (limit, True), (limit + 1, False)):
+        assert ops._takes_fused(torch.empty(rows, 128), whole) == expected
+    assert not ops._takes_fused(torch.empty(4, 96), spanning)
+    monkeypatch.setenv("LORALITE_KERNELS", "triton")  # forced: the kernels for every size (their tests)
+    assert ops._takes_fused(torch.empty(10 * limit, 128), whole)

@@ -13,26 +13,13 @@ flattened weight is
 Decoding happens in registers, one tile at a time, so a matmul reads 0.5 byte per weight
 element (plus 1/blocksize of a byte of scale codes) instead of the 2 bytes of a bf16 copy.
 
-One kernel serves both products an ``nn.Linear`` needs:
+The matmuls (``nf4_matmul.py``) decode tiles of W in registers: the packed bytes of a row
+segment arrive in 16-byte vector loads, ``_unpack`` splits each byte into its two nibbles,
+``_lookup`` maps a nibble to its code value through a tree of selects on its four bits (the 16
+values are held in registers: no per-element memory access), and ``_block_scales`` decodes one
+scale per quantization block, which then multiplies the block's 64 (blocksize) values.
 
-    forward   y  = x @ W.T   (M, N) = (M, K) @ (K, N),  B[k, n] = W[n, k]
-    backward  dx = g @ W     (M, K) = (M, N) @ (N, K),  B[n, k] = W[n, k]
-
-Both are ``out (M, P) = a (M, R) @ B (R, P)`` with ``B[r, p] = W_flat[r * w_stride_r +
-p * w_stride_p]``: the forward walks the weight with strides (1, K), the backward with
-(K, 1). In pseudo-code, each program computes one (BLOCK_M, BLOCK_P) tile of ``out``::
-
-    acc = zeros((BLOCK_M, BLOCK_P), float32)
-    for r0 in range(pid_k * BLOCK_R, R, BLOCK_R * SPLIT_K):   # this program's share of R
-        a_tile = a[m_tile, r0 : r0 + BLOCK_R]                   # (BLOCK_M, BLOCK_R)
-        b_tile = decode(W_flat[r * w_stride_r + p * w_stride_p])  # (BLOCK_R, BLOCK_P)
-        acc += a_tile @ b_tile
-    out[m_tile, p_tile] (+)= acc
-
-For small M (decode, M <= 16) the matmul is bandwidth-bound and there are too few output
-tiles to fill the GPU, so the reduction over R is also split over SPLIT_K programs that
-add their partial sums into a float32 output with atomics (split-K).
-This file holds the decode step and ``nf4_dequantize``; ``nf4_matmul.py`` the matmuls.
+This file holds those decode steps and ``nf4_dequantize``; ``nf4_matmul.py`` the matmuls.
 """
 
 from __future__ import annotations
@@ -48,29 +35,54 @@ if TYPE_CHECKING:
 
 # Absmax values are themselves quantized in groups of this many (bitsandbytes' fixed size).
 NESTED_BLOCKSIZE = tl.constexpr(256)
+# Elements per program of nf4_dequantize and its warps: 16 packed bytes (one vector load) per thread.
+DEQUANTIZE_BLOCK = 4096
+DEQUANTIZE_WARPS = 4
 
 
 @triton.jit
-def _decode(
-    j,  # flat element indices (int64), any shape
-    mask,  # which of them are inside the weight
-    # Pointers to the NF4 arrays
-    data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
-    offset,  # mean of the absmaxes (float32), added back after the nested decode
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-):
-    """Float32 values of the NF4 elements at flat indices ``j`` (0 where masked)."""
-    byte = tl.load(data_ptr + j // 2, mask=mask, other=0).to(tl.int32)
-    nibble = (byte >> ((1 - j % 2) * 4).to(tl.int32)) & 0xF  # even j: high nibble
-    block = j // BLOCKSIZE
+def _lookup(nibble, code_ptr):
+    """``code[nibble]`` for 4-bit codes of any shape, from the 16 code values held in registers.
+
+    The 16 values are loaded once (scalars); each element then takes a tree of selects on its
+    four bits, with no per-element memory access.
+    """
+    c0, c1, c2, c3 = tl.load(code_ptr + 0), tl.load(code_ptr + 1), tl.load(code_ptr + 2), tl.load(code_ptr + 3)
+    c4, c5, c6, c7 = tl.load(code_ptr + 4), tl.load(code_ptr + 5), tl.load(code_ptr + 6), tl.load(code_ptr + 7)
+    c8, c9, c10, c11 = tl.load(code_ptr + 8), tl.load(code_ptr + 9), tl.load(code_ptr + 10), tl.load(code_ptr + 11)
+    c12, c13, c14, c15 = (tl.load(code_ptr + 12), tl.load(code_ptr + 13), tl.load(code_ptr + 14),
+                          tl.load(code_ptr + 15))
+    bit0, bit1, bit2, bit3 = (nibble & 1) != 0, (nibble & 2) != 0, (nibble & 4) != 0, (nibble & 8) != 0
+    pair0, pair1 = tl.where(bit0, c1, c0), tl.where(bit0, c3, c2)  # codes 0-3
+    pair2, pair3 = tl.where(bit0, c5, c4), tl.where(bit0, c7, c6)  # 4-7
+    pair4, pair5 = tl.where(bit0, c9, c8), tl.where(bit0, c11, c10)  # 8-11
+    pair6, pair7 = tl.where(bit0, c13, c12), tl.where(bit0, c15, c14)  # 12-15
+    quad0, quad1 = tl.where(bit1, pair1, pair0), tl.where(bit1, pair3, pair2)
+    quad2, quad3 = tl.where(bit1, pair5, pair4), tl.where(bit1, pair7, pair6)
+    low, high = tl.where(bit2, quad1, quad0), tl.where(bit2, quad3, quad2)
+    return tl.where(bit3, high, low)
+
+
+@triton.jit
+def _unpack(packed, SHAPE0: tl.constexpr, SHAPE1: tl.constexpr):
+    """(SHAPE0, SHAPE1 // 2) packed bytes -> (SHAPE0, SHAPE1) nibbles; byte i holds elements 2i (high
+    nibble) and 2i + 1 (low nibble)."""
+    high = (packed >> 4) & 0xF
+    low = packed & 0xF
+    return tl.reshape(tl.join(high, low), (SHAPE0, SHAPE1))  # (SHAPE0, SHAPE1 // 2, 2) interleaved
+
+
+@triton.jit
+def _block_scales(block, mask, absmax_ptr, nested_absmax_ptr, nested_code_ptr, offset, DOUBLE_QUANT: tl.constexpr):
+    """Float32 absmax of the quantization blocks ``block`` (any shape; 0 where masked), decoding the
+    8-bit nested scales under double quantization: one lookup per block, not per element."""
     if DOUBLE_QUANT:
         scale_code = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         nested = tl.load(nested_absmax_ptr + block // NESTED_BLOCKSIZE, mask=mask, other=0.0)
-        scale = tl.load(nested_code_ptr + scale_code) * nested + offset
+        scale = tl.load(nested_code_ptr + scale_code, mask=mask, other=0.0) * nested + offset
     else:
         scale = tl.load(absmax_ptr + block, mask=mask, other=0.0)
-    value = tl.load(code_ptr + nibble) * scale
-    return tl.where(mask, value, 0.0)
+    return tl.where(mask, scale, 0.0)
 
 
 @triton.jit
@@ -91,16 +103,24 @@ def _round(x, dtype: tl.constexpr, INTERPRET: tl.constexpr):
 def _nf4_dequantize_kernel(
     # Pointers: output, then the NF4 arrays
     out_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
-    # Sizes and the double-quantization offset
-    numel, offset,
-    # Meta-parameters
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr, INTERPRET: tl.constexpr,
+    # Sizes (numel elements in nbytes packed bytes) and the double-quantization offset
+    numel, nbytes, offset,
+    # Meta-parameters: BLOCK elements per program, SCALES = max(BLOCK // BLOCKSIZE, 1) blocks in them
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK: tl.constexpr, SCALES: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
-    j = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = j < numel
-    value = _decode(j, mask, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
-                    offset, BLOCKSIZE, DOUBLE_QUANT)
-    tl.store(out_ptr + j, _round(value, out_ptr.dtype.element_ty, INTERPRET), mask=mask)
+    # BLOCK / 2 contiguous packed bytes per program: vector loads, nibbles split in registers.
+    start = tl.program_id(0).to(tl.int64) * BLOCK
+    byte = start // 2 + tl.arange(0, BLOCK // 2)
+    packed = tl.load(data_ptr + byte, mask=byte < nbytes, other=0)  # nbytes % 16 == 0: whole vectors
+    values = _lookup(tl.reshape(_unpack(packed[None, :], 1, BLOCK), (BLOCK,)), code_ptr)  # (BLOCK,)
+    # Elements are in flat order, so the program's quantization blocks are consecutive too.
+    block = start // BLOCKSIZE + tl.arange(0, SCALES)
+    scale = _block_scales(block, block < tl.cdiv(numel, BLOCKSIZE), absmax_ptr, nested_absmax_ptr,
+                          nested_code_ptr, offset, DOUBLE_QUANT)  # (SCALES,)
+    values = tl.reshape(tl.reshape(values, (SCALES, BLOCK // SCALES)) * scale[:, None], (BLOCK,))
+    j = start + tl.arange(0, BLOCK)
+    tl.store(out_ptr + j, _round(values, out_ptr.dtype.element_ty, INTERPRET), mask=j < numel)
 
 
 def _arrays(q: NF4Tensor) -> tuple[torch.Tensor, ...]:
@@ -124,10 +144,11 @@ def nf4_dequantize(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tens
     _check(q, q.data.device)
     out = torch.empty(q.shape, dtype=dtype or q.dtype, device=q.data.device)
     numel = out.numel()
-    block = 1024
+    block = max(DEQUANTIZE_BLOCK, q.blocksize)  # a power of two: whole quantization blocks per program
     grid = (triton.cdiv(numel, block),)
     # No fused multiply-add: the reference rounds the product before adding the offset.
-    _nf4_dequantize_kernel[grid](out, *_arrays(q), numel, q.offset, BLOCKSIZE=q.blocksize,
+    _nf4_dequantize_kernel[grid](out, *_arrays(q), numel, q.data.numel(), q.offset, BLOCKSIZE=q.blocksize,
                                  DOUBLE_QUANT=q.nested_absmax is not None, BLOCK=block,
-                                 INTERPRET=triton.knobs.runtime.interpret, enable_fp_fusion=False)
+                                 SCALES=block // q.blocksize, INTERPRET=triton.knobs.runtime.interpret,
+                                 num_warps=DEQUANTIZE_WARPS, enable_fp_fusion=False)
     return out
