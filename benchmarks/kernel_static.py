@@ -4,7 +4,7 @@ For every config the matmul autotuners may pick (bf16, blocksize 64, double quan
 ``x @ W.T`` and input gradient ``g @ W``): shared memory per block against the chip's limit,
 registers and spilled bytes per thread, tensor-core instructions, and the main loop's
 instruction mix: instructions and integer/select instructions per tensor-core instruction and
-per decoded weight element. Beside each tile, the same figures of a plain bf16 Triton matmul
+per decoded weight element (of one thread: the SASS is one thread's program). Beside each tile, the same figures of a plain bf16 Triton matmul
 (both operands loaded from global memory, no decode): what the decode costs on top.
 
     python benchmarks/kernel_static.py [--archs 89 90] [--out-dir benchmarks/results]
@@ -77,7 +77,8 @@ def main() -> None:
                 if tile not in plain:
                     plain[tile] = plain_static(launch, arch)
                 p = plain[tile]
-                decoded = c["BLOCK_P"] * c["BLOCK_R"]  # weight elements decoded per loop iteration
+                # weight elements each thread decodes per loop iteration (the SASS is one thread's program)
+                decoded = c["BLOCK_P"] * c["BLOCK_R"] / (32 * launch.num_warps)
                 rows.append({
                     "arch": f"sm_{arch}", "kernel": launch.name.split("-")[0],
                     "tile MxPxR, split": f"{tile[0]}x{tile[1]}x{tile[2]}, {c['SPLIT_K']}",
@@ -88,6 +89,7 @@ def main() -> None:
                     "plain bf16: loop instr / MMA": per(p.loop_instructions, p.loop_mma),
                     "loop int+select / MMA": per(s.loop_integer, s.loop_mma),
                     "loop instr / decoded weight": s.loop_instructions / decoded,
+                    "loop int+select / decoded weight": s.loop_integer / decoded,
                     "16-byte loads": sum(n for op, n in s.loads.items() if op.endswith(".128")),
                     "byte loads": s.loads.get("LDG.E.U8", 0)})
                 print(rows[-1], flush=True)

@@ -170,27 +170,34 @@ def main():
     dtype_name = str(dtype).removeprefix("torch.")
     batch = make_batch(args.batch_size, args.seq)
     rate = matmul_rate(dtype)
+    # All four steps alternate in one loop, so that drift hits them alike: loralite against its
+    # peer, and loralite's QLoRA against its own LoRA.
+    configs = (("LoRA", False), ("QLoRA", True))
+    models = {(name, kind): (loralite_model if kind == "loralite" else peft_model)(quantized, dtype)
+              for name, quantized in configs for kind in ("loralite", "peft")}
+    times = time_alternating({key: step_fn(model, batch, key[1], bf16) for key, model in models.items()},
+                             repeats=repeats)
+    tokens = args.batch_size * args.seq
     rows = []
-    for name, quantized in (("LoRA", False), ("QLoRA", True)):
-        ours, theirs = loralite_model(quantized, dtype), peft_model(quantized, dtype)
-        times = time_alternating({"loralite": step_fn(ours, batch, "loralite", bf16),
-                                  "peft": step_fn(theirs, batch, "peft", bf16)}, repeats=repeats)
-        flops = flops_per_step(ours, args.batch_size, args.seq)
-        tokens = args.batch_size * args.seq
+    for name, quantized in configs:
+        ours, theirs = times[(name, "loralite")], times[(name, "peft")]
+        flops = flops_per_step(models[(name, "loralite")], args.batch_size, args.seq)
         rows.append({
             "config": name, "compute": dtype_name,
-            "loralite s/step (median)": times["loralite"], "loralite min-max": times["loralite"].spread,
-            "peer s/step (median)": times["peft"], "peer min-max": times["peft"].spread,
-            "loralite / peer (target <= 0.7)": times["loralite"] / times["peft"],
-            "loralite tok/s": tokens / times["loralite"], "peer tok/s": tokens / times["peft"],
-            "loralite GFLOP/s": flops / times["loralite"] / 1e9,
-            f"% of the {dtype_name} matmul rate": 100 * flops / times["loralite"] / rate,
-            "loralite peak RSS MiB": peak_rss("loralite", quantized, args),
-            "peer peak RSS MiB": peak_rss("peft", quantized, args)})
-        del ours, theirs
+            "loralite s/step (median)": ours, "loralite min-max": ours.spread,
+            "peer s/step (median)": theirs, "peer min-max": theirs.spread,
+            "loralite / peer (target <= 0.7)": ours / theirs,
+            "loralite / its LoRA step": ours / times[("LoRA", "loralite")],
+            "loralite tok/s": tokens / ours, "peer tok/s": tokens / theirs,
+            "loralite GFLOP/s": flops / ours / 1e9,
+            f"% of the {dtype_name} matmul rate": 100 * flops / ours / rate})
+    del models
+    for row, (name, quantized) in zip(rows, configs):  # each in a fresh process, after the timing
+        row["loralite peak RSS MiB"] = peak_rss("loralite", quantized, args)
+        row["peer peak RSS MiB"] = peak_rss("peft", quantized, args)
     lora, qlora = rows[0]["loralite s/step (median)"], rows[1]["loralite s/step (median)"]
     notes = (f"batch {args.batch_size} x {args.seq} tokens, compute {dtype_name} (--dtype {args.dtype}), r=16 on "
-             f"{TARGETS}, AdamW; medians of {repeats} alternating steps. loralite QLoRA / LoRA step: "
+             f"{TARGETS}, AdamW; medians of {repeats} rounds of the four steps in turns. loralite QLoRA / LoRA step: "
              f"{qlora / lora:.2f}. {dtype_name} 1024^3 matmul in this run: {rate / 1e9:.1f} GFLOP/s. "
              "Peer: transformers + PEFT (+ bitsandbytes NF4 with double quant for QLoRA).")
     write_results(args.out, rows, meta={"batch_size": args.batch_size, "seq": args.seq, "dtype": dtype_name,

@@ -48,7 +48,7 @@ class Static:
     spill_bytes: int  # local memory per thread
     mma: int  # tensor-core instructions in the whole kernel
     loop_instructions: int  # instructions of the main loop's body
-    loop_integer: int  # integer / logic / select instructions among them
+    loop_integer: int  # integer, logic and select instructions among them
     loop_mma: int  # tensor-core instructions among them
     loads: dict  # global load opcode -> count, whole kernel (LDG.E.128 = 16-byte vector loads)
 
@@ -176,7 +176,8 @@ def _cuobjdump(flag: str, cubin: bytes) -> str:
                               check=True).stdout
 
 
-_INTEGER = re.compile(r"^(I|LOP|SHF|SEL|PRMT|LEA|ISETP|BMSK|BFE|BFI|POPC|FLO|VIADD|IMAD|IADD|SGXT|ICMP|IABS|IMNMX)")
+# Integer, logic and select instructions: the decode's work (FSEL: the code lookup's select tree).
+_INTEGER = re.compile(r"^(I|LOP|SHF|SEL|FSEL|PRMT|LEA|ISETP|BMSK|BFE|BFI|POPC|FLO|VIADD|IMAD|IADD|SGXT|ICMP|IABS|IMNMX)")
 
 
 def _body(line: str) -> str | None:
