@@ -31,7 +31,6 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
 import numpy as np
 import torch
 
@@ -239,9 +238,17 @@ def _read_tensor_table(cursor: _Cursor, n_tensors: int, alignment: int) -> list[
     return tensors
 
 
+def _gguf():
+    """The ``gguf`` package (its ggml block decoders), imported when a GGUF file is read: loralite
+    itself imports without it, as on a GPU machine with only torch, triton, transformers and peft."""
+    import gguf
+
+    return gguf
+
+
 def _type_name(type_id: int) -> str:
     try:
-        return gguf.GGMLQuantizationType(type_id).name
+        return _gguf().GGMLQuantizationType(type_id).name
     except ValueError:
         return f"#{type_id} (unknown)"
 
@@ -353,6 +360,7 @@ def unpermute_rotary(w: torch.Tensor, n_head: int, name: str = "", path="") -> t
 def _dequantize(data: np.ndarray, info: TensorInfo) -> torch.Tensor:
     """One tensor's bytes as float32, shaped in PyTorch's order."""
     rows = data[info.offset:info.offset + info.nbytes].reshape(-1, info.nbytes // math.prod(info.shape[:-1]))
+    gguf = _gguf()
     values = gguf.quants.dequantize(rows, gguf.GGMLQuantizationType[info.type_name])  # (rows, row length)
     if not values.flags.writeable:  # F32 comes back as a view of the read-only file
         values = values.copy()
