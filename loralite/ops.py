@@ -19,11 +19,12 @@ On CUDA the NF4 matmuls choose by the number of rows M (tokens) of the input:
 
 The crossover is derived, not yet measured on a GPU: the dequantize path moves about 4.5 more
 bytes per weight (write 2, read 2, read the 0.5 packed) than the fused kernel, and its matmul
-runs at cuBLAS' rate F; the fused kernel's main loop issues 7 to 9 times the instructions of a
-plain bf16 matmul per tensor-core instruction (``benchmarks/results/kernel_static.md``), so when
-compute-bound it runs at roughly F / 8. Equal times give M = 4.5 F / (2 B (8 - 1)) with B the
-memory bandwidth: about 50 on an RTX 4090 (F = 165 TFLOP/s, B = 1.0 TB/s) and about 95 on an
-H100 (990 TFLOP/s, 3.35 TB/s); ``FUSED_MAX_ROWS`` rounds them up to powers of two. Weights whose rows do not
+runs at cuBLAS' rate F; the fused kernel's main loop issues 3.2 to 3.6 times the instructions of
+a plain bf16 matmul per tensor-core instruction at its large tiles
+(``benchmarks/results/kernel_static.md``), so when compute-bound it runs at roughly F / 3.5.
+Equal times give M = 4.5 F / (2 B (3.5 - 1)) with B the memory bandwidth: about 150 on an RTX
+4090 (F = 165 TFLOP/s, B = 1.0 TB/s) and about 270 on an H100 (990 TFLOP/s, 3.35 TB/s);
+``FUSED_MAX_ROWS`` rounds them down to powers of two. Weights whose rows do not
 hold whole quantization blocks always take the dequantize path (``NF4Tensor.rows_hold_whole_blocks``).
 
 Decoding on CPU (no autograd) has fast paths in ``loralite._C`` beside each reference here:
@@ -65,7 +66,7 @@ _MODES = ("auto", "reference", "triton")
 GEMV_MAX_ROWS = 8
 # Largest number of rows that takes the fused Triton matmuls on CUDA, by the major compute
 # capability (derived in the module docstring); larger products dequantize, then use cuBLAS.
-FUSED_MAX_ROWS = {8: 64, 9: 128}
+FUSED_MAX_ROWS = {8: 128, 9: 256}
 # Largest number of rows that takes the CPU GEMV for dense weights (loralite::gemv).
 CPU_GEMV_MAX_ROWS = 4
 

@@ -191,7 +191,7 @@ def test_llama_project_groups_plain_linears_only_while_decoding(monkeypatch):
         torch.testing.assert_close(b, c, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("major, limit", [(8, 64), (9, 128), (10, 128), (7, 64)])
+@pytest.mark.parametrize("major, limit", [(8, 128), (9, 256), (10, 256), (7, 128)])
 def test_cuda_dispatch_by_size(monkeypatch, major, limit):
     """The fused kernels up to FUSED_MAX_ROWS rows for weights of whole-block rows; beyond, cuBLAS."""
     monkeypatch.delenv("LORALITE_KERNELS", raising=False)

@@ -176,7 +176,7 @@ def _cuobjdump(flag: str, cubin: bytes) -> str:
                               check=True).stdout
 
 
-# Integer, logic and select instructions: the decode's work (FSEL: the code lookup's select tree).
+# Integer, logic and select instructions: most of the decode's work beside its shared-memory reads.
 _INTEGER = re.compile(r"^(I|LOP|SHF|SEL|FSEL|PRMT|LEA|ISETP|BMSK|BFE|BFI|POPC|FLO|VIADD|IMAD|IADD|SGXT|ICMP|IABS|IMNMX)")
 
 
