@@ -51,6 +51,7 @@ class Static:
     loop_integer: int  # integer, logic and select instructions among them
     loop_mma: int  # tensor-core instructions among them
     loads: dict  # global load opcode -> count, whole kernel (LDG.E.128 = 16-byte vector loads)
+    loop_loads: dict  # the same, in the main loop
 
     @property
     def fits(self) -> bool:
@@ -218,7 +219,11 @@ def inspect(compiled, arch: int) -> Static:
         if op.startswith(("LDG", "LDGSTS")):
             loads[op] = loads.get(op, 0) + 1
     loop = _main_loop(sass)
+    loop_loads: dict[str, int] = {}
+    for op in loop:
+        if op.startswith(("LDG", "LDGSTS")):
+            loop_loads[op] = loop_loads.get(op, 0) + 1
     return Static(arch=arch, shared=compiled.metadata.shared, registers=registers, spill_bytes=spills,
                   mma=sum(map(is_mma, opcodes)), loop_instructions=len(loop),
                   loop_integer=sum(bool(_INTEGER.match(op)) for op in loop), loop_mma=sum(map(is_mma, loop)),
-                  loads=loads)
+                  loads=loads, loop_loads=loop_loads)
