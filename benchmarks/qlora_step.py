@@ -91,16 +91,23 @@ def peer_model(config: ll.LlamaConfig, device: str) -> torch.nn.Module | str:
     import transformers
 
     hf_config = transformers.LlamaConfig(**config.to_dict())
-    with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(hf_config)
-    model = model.to_empty(device=device).to(torch.bfloat16)
-    _random_(model)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bf16 on the device: no float32 copy of a 7B
+    try:
+        with torch.device(device):
+            model = transformers.LlamaForCausalLM(hf_config)  # its own random init, RoPE tables included
+    finally:
+        torch.set_default_dtype(default)
     model.requires_grad_(False)
     for name, module in list(model.named_modules()):  # bitsandbytes quantizes on the move to the device
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head"):
             layer = bnb.nn.Linear4bit(module.in_features, module.out_features, bias=module.bias is not None,
                                       compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4")
-            layer.load_state_dict(module.state_dict())
+            # from the bf16 weight, so that bitsandbytes dequantizes to bf16 as loralite does
+            layer.weight = bnb.nn.Params4bit(module.weight.data.cpu(), requires_grad=False,
+                                             compress_statistics=True, quant_type="nf4")
+            if module.bias is not None:
+                layer.bias = module.bias
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, layer.to(device))
     model = model.to(device)

@@ -31,8 +31,17 @@ def _dtype(name: str, device: str = "cpu") -> torch.dtype:
 
 
 def _device(args) -> str:
-    """--device, by default CUDA where torch sees a GPU, else the CPU."""
-    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """--device, by default CUDA where torch sees a GPU, else the CPU; a bad one is a ValueError."""
+    if args.device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(f"--device {args.device!r} is not a device: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: torch sees no CUDA GPU here; use --device cpu, or install "
+                         "torch's CUDA build on a machine with a GPU")
+    return args.device
 
 
 def _add_device(parser: argparse.ArgumentParser, what: str) -> None:

@@ -104,13 +104,14 @@ def _meta_nf4(shape: torch.Size, quant: NF4Config) -> nf4.NF4Tensor:
 
 
 def meta_model(config: LlamaConfig, lora: LoraConfig | None, quant: NF4Config | None,
-               dtype: torch.dtype) -> nn.Module:
-    """The model a run would train, on the meta device: ``quantize_model`` + ``add_lora`` structure."""
+               dtype: torch.dtype, device: str = "cuda") -> nn.Module:
+    """The model a run on ``device`` would train, on the meta device: ``quantize_model`` + ``add_lora``
+    structure, with a compute dtype of "auto" resolved as that device would resolve it."""
     with torch.device("meta"):
         model = Llama(config).to(dtype)
     model.requires_grad_(False)
     if quant is not None:  # quantize_model's replacement, without computing any codes
-        compute = dtype if quant.compute_dtype == "auto" else quant.compute_dtype  # the run computes in dtype
+        compute = precision.resolve(quant.compute_dtype, device)
         quantize_model(model, quant, make=lambda name, linear: Linear4bit(
             _meta_nf4(linear.weight.shape, quant), linear.bias, compute))
     if lora is not None:
@@ -311,7 +312,7 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     if batch_size < 1 or seq_len < 1:
         raise ValueError(f"estimate_memory: batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
     config = model_config if isinstance(model_config, LlamaConfig) else LlamaConfig.from_dict(model_config)
-    model = meta_model(config, lora, quant, dtype)
+    model = meta_model(config, lora, quant, dtype, device)
     e = torch.finfo(dtype).bits // 8
     s = _Shape(batch_size, seq_len, e)
     params = [p for p in model.parameters() if p.requires_grad]

@@ -193,7 +193,7 @@ def quantize(w: torch.Tensor, blocksize: int = 64, double_quant: bool = True, qu
     """
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be one of {BLOCKSIZES}, got {blocksize}")
-    code = codebook(quant_type)
+    code = codebook(quant_type).to(w.device)  # the quantizer compares on w's device (CUDA too)
     if w.dtype not in FLOAT_DTYPES:
         raise ValueError(f"quantize expects a float32/float16/bfloat16 tensor, got {w.dtype}")
     flat = w.detach().reshape(-1)

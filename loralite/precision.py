@@ -2,13 +2,13 @@
 
 | device | ``"auto"`` is |
 | --- | --- |
-| CUDA with bf16 (sm_80 and newer) | bfloat16 |
-| CUDA without bf16 | float32 |
+| CUDA, sm_80 and newer (bf16 tensor cores); also where no GPU is here to ask (sizing a GPU run) | bfloat16 |
+| CUDA before sm_80 | float32 |
 | CPU with AVX512-BF16 or AMX-BF16, where a short bf16 matmul beats float32 by ``BF16_MIN_SPEEDUP`` | bfloat16 |
 | any other CPU (AVX2 only: torch's bf16 matmul there is slower than float32) | float32 |
 
 The CPU's features come from ``/proc/cpuinfo``; the measurement runs once per process, the
-first time a CPU with bf16 units resolves ``"auto"`` (a few milliseconds). The same features
+first time a CPU with bf16 units resolves ``"auto"``. The same features
 say whether a 16-bit input gradient ``g @ W`` needs its transposed-weight form
 (``transposes_16bit_gradient``): without native units for that dtype, torch's CPU kernel for
 ``g @ W`` runs at a small fraction of ``x @ W.T``.
@@ -87,7 +87,9 @@ def auto_dtype(device: torch.device | str = "cpu") -> torch.dtype:
     """The compute dtype ``"auto"`` means on ``device`` (the table above)."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+        if not torch.cuda.is_available():  # an estimate for a GPU that is not here
+            return torch.bfloat16
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float32
     if device.type == "cpu":
         return torch.bfloat16 if cpu_prefers_bf16() else torch.float32
     return torch.float32

@@ -66,3 +66,7 @@ def test_no_byte_loads_of_the_codes_in_the_main_loop(statics, arch):
         loads = statics[(arch, "matmul", args, i)].loop_loads
         assert loads.get("LDG.E.U8", 0) <= (1 if double_quant else 0), f"{name}: {loads}"
         assert loads.get("LDGSTS.E.BYPASS.128", 0) + loads.get("LDG.E.128", 0) > 0, f"{name}: {loads}"
+        # nothing between: no 2- or 8-byte loads (codes split into narrow pieces), only 4-byte
+        # gathers of the per-block nested scales beside the 16-byte vectors
+        narrow = {op: n for op, n in loads.items() if op.endswith((".64", ".U16", ".S16", ".S8"))}
+        assert not narrow, f"{name}: {narrow}"

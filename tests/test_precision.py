@@ -55,12 +55,26 @@ def test_16bit_gradients_are_transposed_only_without_units(cpu, features, bf16, 
 
 
 def test_this_cpu_is_read_and_measured():
-    features = precision.cpu_features()
-    assert isinstance(features, frozenset)
-    if precision.has_native_units(torch.bfloat16):
-        assert precision.cpu_bf16_speedup() > 0
-    assert precision.auto_dtype("cpu") in (torch.float32, torch.bfloat16)
+    with open("/proc/cpuinfo") as f:
+        flags = set(next(line for line in f if line.startswith("flags")).split(":", 1)[1].split())
+    assert precision.cpu_features() == flags
+    bf16 = precision.has_native_units(torch.bfloat16)
+    assert bf16 == bool(flags & {"avx512_bf16", "amx_bf16"})
+    prefers = bf16 and precision.cpu_bf16_speedup() >= precision.BF16_MIN_SPEEDUP
+    assert precision.auto_dtype("cpu") == (torch.bfloat16 if prefers else torch.float32)
     assert precision.auto_dtype("meta") == torch.float32
+
+
+def test_auto_for_a_gpu_that_is_not_here_is_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert precision.auto_dtype("cuda") == torch.bfloat16  # estimate_memory sizing a GPU run
+
+
+def test_bad_device_flag_is_named(capsys):
+    from loralite.cli import main
+
+    assert main(["generate", "--device", "gpu", "--prompt", "x"]) == 2
+    assert "--device 'gpu'" in capsys.readouterr().err
 
 
 def test_train_config_defaults_to_auto():

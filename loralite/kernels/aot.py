@@ -87,7 +87,7 @@ def matmul_launches(dtype, blocksize: int, double_quant: bool, transpose: bool) 
         signature = {"a_ptr": pointer(a), "out_ptr": pointer(out), "data_ptr": "*u8",
                      "absmax_ptr": "*u8" if double_quant else "*fp32", "nested_absmax_ptr": "*fp32",
                      "nested_code_ptr": "*fp32", "code_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32",
-                     "M_BUCKET": "i32", "stride_am": "i32", "stride_om": "i32", "offset": "fp32"}
+                     "row_bytes": "i32", "M_BUCKET": "i32", "stride_am": "i32", "stride_om": "i32", "offset": "fp32"}
         constants = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, TRANSPOSE=transpose,
                          INPUT_PRECISION="ieee" if a == "float32" else "tf32", INTERPRET=False)
         for config in configs:
@@ -98,7 +98,7 @@ def matmul_launches(dtype, blocksize: int, double_quant: bool, transpose: bool) 
             launches.append(Launch(name, mm._nf4_matmul_kernel, {**signature, **{k: "constexpr" for k in meta}},
                                    meta, config.num_warps, config.num_stages,
                                    divisible=tuple(k for k in signature if k.endswith("_ptr"))
-                                   + ("N", "K", "stride_am", "stride_om")))
+                                   + ("N", "K", "row_bytes", "stride_am", "stride_om")))
     return launches
 
 

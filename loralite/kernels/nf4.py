@@ -45,8 +45,7 @@ def _lookup(nibble, code_ptr):
     """``code[nibble]`` for 4-bit codes of any shape, gathered from the 16-entry table.
 
     The table is loaded once per call (one vector), and the gather happens on chip: Triton lowers
-    it to shared-memory reads, with no per-element global memory access. (A tree of selects on
-    the four bits gives the same values but costs about twice the instructions of the whole loop.)
+    it to shared-memory reads, with no per-element global memory access.
     """
     table = tl.load(code_ptr + tl.arange(0, 16))  # (16,)
     flat = tl.reshape(nibble, (nibble.numel,)).to(tl.int32)
@@ -102,7 +101,7 @@ def _nf4_dequantize_kernel(
     # BLOCK / 2 contiguous packed bytes per program: vector loads, nibbles split in registers.
     start = tl.program_id(0).to(tl.int64) * BLOCK
     byte = start // 2 + tl.arange(0, BLOCK // 2)
-    packed = tl.load(data_ptr + byte, mask=byte < nbytes, other=0)  # nbytes % 16 == 0: whole vectors
+    packed = tl.load(data_ptr + byte, mask=byte < nbytes, other=0)  # whole vectors where nbytes % 16 == 0
     values = _lookup(tl.reshape(_unpack(packed[None, :], 1, BLOCK), (BLOCK,)), code_ptr)  # (BLOCK,)
     # Elements are in flat order, so the program's quantization blocks are consecutive too.
     block = start // BLOCKSIZE + tl.arange(0, SCALES)

@@ -22,6 +22,7 @@ Two families of launch configurations share the one kernel:
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import torch
@@ -41,6 +42,7 @@ SMALL_M = 16
 def _decode_rows(
     rows, k0,  # (BLOCK_ROWS,) row indices of W; the first column of the tile (a multiple of BLOCK_K)
     N, K,  # W's shape (out, in); K % BLOCKSIZE == 0, so every row holds whole quantization blocks
+    row_bytes,  # K // 2, passed apart so that the JIT sees its divisibility by 16 (16-byte loads)
     # Pointers to the NF4 arrays, and the double-quantization offset
     data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr, offset,
     BLOCK_ROWS: tl.constexpr, BLOCK_K: tl.constexpr, SCALES: tl.constexpr,
@@ -54,8 +56,8 @@ def _decode_rows(
     """
     row_ok = rows < N
     byte = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    packed = tl.load(data_ptr + rows[:, None].to(tl.int64) * (K // 2) + byte[None, :],
-                     mask=row_ok[:, None] & (byte[None, :] < K // 2), other=0)  # (BLOCK_ROWS, BLOCK_K / 2)
+    packed = tl.load(data_ptr + rows[:, None].to(tl.int64) * row_bytes + byte[None, :],
+                     mask=row_ok[:, None] & (byte[None, :] < row_bytes), other=0)  # (BLOCK_ROWS, BLOCK_K / 2)
     values = _lookup(_unpack(packed, BLOCK_ROWS, BLOCK_K), code_ptr)  # (BLOCK_ROWS, BLOCK_K)
     blocks_per_row = K // BLOCKSIZE
     column_block = k0 // BLOCKSIZE + tl.arange(0, SCALES)
@@ -70,8 +72,9 @@ def _decode_rows(
 def _nf4_matmul_kernel(
     # Pointers: activations a (M, R), output (M, P), then the NF4 arrays
     a_ptr, out_ptr, data_ptr, absmax_ptr, nested_absmax_ptr, nested_code_ptr, code_ptr,
-    # Shapes: a's rows, the weight's (out, in); M_BUCKET (M rounded up to a power of two) is the autotuning key only
-    M, N, K, M_BUCKET,
+    # Shapes: a's rows, the weight's (out, in) and bytes per row; M_BUCKET (M rounded up to a power of
+    # two) is the autotuning key only
+    M, N, K, row_bytes, M_BUCKET,
     # Strides of the rows of a and out (elements), and the double-quantization offset (float32)
     stride_am, stride_om, offset,
     # Meta-parameters: the NF4 layout and the product, then the tiling
@@ -103,13 +106,13 @@ def _nf4_matmul_kernel(
         a_tile = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :],
                          mask=(offs_m[:, None] < M) & (offs_r[None, :] < R), other=0.0)  # (BLOCK_M, BLOCK_R)
         if TRANSPOSE:  # B = W[r0 : r0 + BLOCK_R, p tile]: rows of W along the reduction
-            b_tile = _decode_rows(offs_r, pid_p * BLOCK_P, N, K, data_ptr, absmax_ptr, nested_absmax_ptr,
-                                  nested_code_ptr, code_ptr, offset, BLOCK_R, BLOCK_P,
+            b_tile = _decode_rows(offs_r, pid_p * BLOCK_P, N, K, row_bytes, data_ptr, absmax_ptr,
+                                  nested_absmax_ptr, nested_code_ptr, code_ptr, offset, BLOCK_R, BLOCK_P,
                                   max(BLOCK_P // BLOCKSIZE, 1), BLOCKSIZE, DOUBLE_QUANT)
         else:  # B = W[p tile, r0 : r0 + BLOCK_R].T
-            b_tile = tl.trans(_decode_rows(offs_p, r0, N, K, data_ptr, absmax_ptr, nested_absmax_ptr,
-                                           nested_code_ptr, code_ptr, offset, BLOCK_P, BLOCK_R,
-                                           max(BLOCK_R // BLOCKSIZE, 1), BLOCKSIZE, DOUBLE_QUANT))
+            b_tile = tl.trans(_decode_rows(offs_p, r0, N, K, row_bytes, data_ptr, absmax_ptr,
+                                           nested_absmax_ptr, nested_code_ptr, code_ptr, offset, BLOCK_P,
+                                           BLOCK_R, max(BLOCK_R // BLOCKSIZE, 1), BLOCKSIZE, DOUBLE_QUANT))
         # Round the weight to a's dtype first, as the reference's dequantize(q, x.dtype) does.
         b_tile = _round(b_tile, a_tile.dtype, INTERPRET)  # (BLOCK_R, BLOCK_P)
         if INTERPRET:  # the interpreter's dot multiplies bfloat16 as raw integers; fp32 is exact here
@@ -157,6 +160,8 @@ def _prune(family):
     def prune(configs, named_args, **kwargs):
         if triton.knobs.runtime.interpret:
             return [_INTERPRET_CONFIGS[family]]
+        if os.environ.get("LORALITE_AUTOTUNE") == "0":  # correctness runs (the GPU tests): the first config
+            return configs[:1]
         return configs
     return prune
 
@@ -205,7 +210,7 @@ def _matmul(a: torch.Tensor, q: NF4Tensor, transpose: bool) -> torch.Tensor:
         return (tiles, meta["SPLIT_K"])
 
     # No fused multiply-add: the block scales round as the reference's do (W is bit-identical).
-    kernel[grid](a2, out, *_arrays(q), m, n, k, triton.next_power_of_2(m), a2.stride(0), out.stride(0),
+    kernel[grid](a2, out, *_arrays(q), m, n, k, k // 2, triton.next_power_of_2(m), a2.stride(0), out.stride(0),
                  q.offset, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.nested_absmax is not None, TRANSPOSE=transpose,
                  INPUT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
                  INTERPRET=triton.knobs.runtime.interpret, enable_fp_fusion=False)
