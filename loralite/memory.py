@@ -251,11 +251,11 @@ def _loss_temporary(config: LlamaConfig, model: nn.Module, s: _Shape) -> int:
     return s.N * D * s.e + c * V * (4 + (s.e if s.e < 4 else 0)) + c * D * s.e + s.N * 8
 
 
-def _largest_dequantized(model: nn.Module, bits: tuple[int, ...] = (16, 32)) -> int:
-    """Bytes of the largest dense weight ``Linear4bit`` materializes in a matmul (among compute
-    dtypes of ``bits`` bits)."""
-    sizes = [m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8
-             for m in model.modules() if isinstance(m, Linear4bit) and torch.finfo(m.compute_dtype).bits in bits]
+def _largest_dense(model: nn.Module, keep=lambda layer: True, element_bytes: int | None = None) -> int:
+    """Bytes of the largest dense weight of the ``Linear4bit`` layers that ``keep`` accepts, in the
+    layer's compute dtype (or at ``element_bytes`` per element); 0 when there is none."""
+    sizes = [m.in_features * m.out_features * (element_bytes or torch.finfo(m.compute_dtype).bits // 8)
+             for m in model.modules() if isinstance(m, Linear4bit) and keep(m)]
     return max(sizes, default=0)
 
 
@@ -264,25 +264,9 @@ def _largest_dense_temporary(model: nn.Module, tokens: int, device: str) -> int:
     on CPU; on CUDA only those that the fused Triton kernels do not take (``ops.FUSED_MAX_ROWS``,
     at its smallest, and rows of whole blocks)."""
     if device != "cuda":
-        return _largest_dequantized(model)
+        return _largest_dense(model)
     fused = tokens <= min(ops.FUSED_MAX_ROWS.values())
-    sizes = [m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8 for m in model.modules()
-             if isinstance(m, Linear4bit) and not (fused and m.weight.rows_hold_whole_blocks)]
-    return max(sizes, default=0)
-
-
-def _compute_bytes(model: nn.Module) -> int:
-    """Bytes per element of the compute dtype of the largest quantized weight (1 when none)."""
-    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
-    largest = max(layers, key=lambda m: m.in_features * m.out_features, default=None)
-    return 1 if largest is None else torch.finfo(largest.compute_dtype).bits // 8
-
-
-def _largest_transposed(model: nn.Module) -> int:
-    """Bytes of the largest transposed dense weight a CPU input gradient makes (``ops.nf4_matmul_t``)."""
-    sizes = [m.in_features * m.out_features * torch.finfo(m.compute_dtype).bits // 8 for m in model.modules()
-             if isinstance(m, Linear4bit) and precision.transposes_16bit_gradient(m.compute_dtype)]
-    return max(sizes, default=0)
+    return _largest_dense(model, lambda m: not (fused and m.weight.rows_hold_whole_blocks))
 
 
 def _check(option: str, value, allowed) -> None:
@@ -330,14 +314,14 @@ def estimate_memory(model_config: LlamaConfig | dict, lora: LoraConfig | None = 
     # adapter (N, I) each, and d(output) (N, D); the log-probs and final norm are released by then.
     layer_temp = _largest_dense_temporary(model, N, device) + 2 * N * I * e + N * D * e
     if device == "cpu":  # a 16-bit input gradient may multiply a transposed copy too (ops.nf4_matmul_t)
-        layer_temp += _largest_transposed(model)
+        layer_temp += _largest_dense(model, lambda m: precision.transposes_16bit_gradient(m.compute_dtype))
     # On CPU with loralite._C that dense weight lives in a workspace kept between matmuls (loralite.ops),
     # so it is also there while the loss is computed and while the optimizer steps. Without it, the
     # reference decodes through float32 values (4 bytes per weight) beside the dense weight.
     keeps_workspace = device == "cpu" and ops.cpu_matmuls_keep_workspace()
-    workspace = _largest_dequantized(model) if keeps_workspace else 0
+    workspace = _largest_dense(model) if keeps_workspace else 0
     if device == "cpu" and not keeps_workspace:
-        layer_temp += 4 * _largest_dequantized(model) // _compute_bytes(model)
+        layer_temp += _largest_dense(model, element_bytes=4)
     # the loss's and the final norm's saved tensors go first in backward
     released = _loss_saved(config, model, s, live) + (N * D * 4 + N * 4 if live else 0)
     kept = tail - released  # RoPE tables (and unfused targets), until the end of the backward pass

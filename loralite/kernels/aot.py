@@ -17,6 +17,7 @@ allocations are. Used by ``tests/test_kernels_aot.py`` and ``benchmarks/kernel_s
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import importlib
@@ -205,6 +206,11 @@ def _main_loop(sass: str) -> list[str]:
     return best
 
 
+def _global_loads(opcodes: list[str]) -> dict[str, int]:
+    """Count of each global load opcode (LDG..., and LDGSTS... for cp.async) among ``opcodes``."""
+    return dict(collections.Counter(op for op in opcodes if op.startswith("LDG")))
+
+
 def inspect(compiled, arch: int) -> Static:
     """The resource and instruction figures of a compiled kernel."""
     cubin = compiled.asm["cubin"]
@@ -214,16 +220,8 @@ def inspect(compiled, arch: int) -> Static:
     sass = _cuobjdump("-sass", cubin)
     opcodes = [op for op in map(_body, sass.splitlines()) if op]
     is_mma = lambda op: op.startswith(("HMMA", "HGMMA", "WGMMA"))  # noqa: E731
-    loads: dict[str, int] = {}
-    for op in opcodes:
-        if op.startswith(("LDG", "LDGSTS")):
-            loads[op] = loads.get(op, 0) + 1
     loop = _main_loop(sass)
-    loop_loads: dict[str, int] = {}
-    for op in loop:
-        if op.startswith(("LDG", "LDGSTS")):
-            loop_loads[op] = loop_loads.get(op, 0) + 1
     return Static(arch=arch, shared=compiled.metadata.shared, registers=registers, spill_bytes=spills,
                   mma=sum(map(is_mma, opcodes)), loop_instructions=len(loop),
                   loop_integer=sum(bool(_INTEGER.match(op)) for op in loop), loop_mma=sum(map(is_mma, loop)),
-                  loads=loads, loop_loads=loop_loads)
+                  loads=_global_loads(opcodes), loop_loads=_global_loads(loop))
